@@ -1,0 +1,42 @@
+"""Crystal tokenizers: invertible token representations of crystal structures."""
+
+from crystal_tokenizers.errors import (
+    CompositionMismatchError,
+    CrystalDecodeError,
+    CrystalEncodeError,
+    CrystalError,
+    DecodeTimeoutError,
+    DisorderedStructureError,
+    EmbeddingError,
+    GraphConstructionError,
+    InvalidLatticeError,
+    InvalidStructureError,
+    InvalidWyckoffError,
+    MalformedSequenceError,
+    SymmetryAnalysisError,
+    SymmetryMismatchError,
+    UnsupportedElementError,
+)
+from crystal_tokenizers.tokenization_wyckoff import WyckoffTokenizer
+from crystal_tokenizers.wyckoff.orbits import CRYSTAL_SYSTEMS, crystal_system
+
+__all__ = [
+    "CRYSTAL_SYSTEMS",
+    "CompositionMismatchError",
+    "CrystalDecodeError",
+    "CrystalEncodeError",
+    "CrystalError",
+    "DecodeTimeoutError",
+    "DisorderedStructureError",
+    "EmbeddingError",
+    "GraphConstructionError",
+    "InvalidLatticeError",
+    "InvalidStructureError",
+    "InvalidWyckoffError",
+    "MalformedSequenceError",
+    "SymmetryAnalysisError",
+    "SymmetryMismatchError",
+    "UnsupportedElementError",
+    "WyckoffTokenizer",
+    "crystal_system",
+]

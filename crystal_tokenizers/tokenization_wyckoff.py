@@ -1,0 +1,306 @@
+"""WyckoffTokenizer: the HuggingFace tokenizer around the Wyckoff-with-coordinates codec.
+
+The vocabulary is fixed (no training): specials, structural tokens, crystal systems, space groups,
+elements, the 940 shared orbit tokens, count tokens, stability and property tokens, and the value
+labels. Continuous values are the single token ``<num>``; their floats travel beside ``input_ids`` as
+``numeric_values`` (NaN elsewhere). Format: ``docs/wyckoff_format.md``.
+
+The codec is imported absolutely so that a saved folder loads with ``trust_remote_code=True`` wherever
+crystal-lm is installed (CONVENTIONS.md, "Remote code").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from pymatgen.core import Structure
+from transformers import BatchEncoding, PreTrainedTokenizer
+
+from crystal_tokenizers.errors import CrystalDecodeError, CrystalEncodeError, MalformedSequenceError
+from crystal_tokenizers.wyckoff import codec
+from crystal_tokenizers.wyckoff.orbits import (
+    CRYSTAL_SYSTEMS,
+    FREE_PARAMETER_NAMES,
+    load_orbit_table,
+)
+
+VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
+STRUCTURAL_TOKENS = (codec.NUM, codec.SEP, codec.LAT, codec.ELEMENTS_MARK, codec.COMPOSITION_MARK)
+VALUE_LABELS = FREE_PARAMETER_NAMES + codec.LENGTH_NAMES + codec.ANGLE_NAMES
+
+
+def build_vocabulary(property_names: Sequence[str] = codec.DEFAULT_PROPERTY_NAMES) -> list[str]:
+    """The fixed token list, in id order."""
+    tokens = list(SPECIAL_TOKENS) + list(STRUCTURAL_TOKENS) + list(VALUE_LABELS)
+    tokens += [f"cs:{name}" for name in CRYSTAL_SYSTEMS]
+    tokens += [f"sg:{n}" for n in range(1, 231)]
+    tokens += list(codec.ELEMENTS)
+    tokens += list(load_orbit_table().tokens)
+    tokens += [f"n:{k}" for k in range(1, codec.MAX_COUNT + 1)]
+    tokens += ["stab:low", "stab:high"]
+    tokens += [f"prop:{name}" for name in property_names]
+    return tokens
+
+
+class WyckoffTokenizer(PreTrainedTokenizer):
+    """Tokenizer for crystals as space group + Wyckoff orbits + free coordinates + lattice.
+
+    ``WyckoffTokenizer()`` needs no files. ``structure_to_string`` / ``string_to_structure`` convert
+    between pymatgen ``Structure`` and text; ``tokenizer(text)`` returns ``input_ids``,
+    ``attention_mask`` and ``numeric_values``; ``decode_structures`` turns ``model.generate`` output
+    into one ``Structure`` or ``CrystalDecodeError`` per sequence.
+    """
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask", "numeric_values"]
+
+    def __init__(
+        self,
+        vocab_file: str | None = None,
+        property_names: Sequence[str] = codec.DEFAULT_PROPERTY_NAMES,
+        symprec: float = codec.DEFAULT_SYMPREC,
+        angle_tolerance: float = -1.0,
+        bos_token: str = "<bos>",
+        eos_token: str = "<eos>",
+        pad_token: str = "<pad>",
+        unk_token: str = "<unk>",
+        mask_token: str = "<mask>",
+        **kwargs: Any,
+    ) -> None:
+        if vocab_file is not None:
+            with open(vocab_file, encoding="utf-8") as handle:
+                tokens = json.load(handle)
+        else:
+            tokens = build_vocabulary(property_names)
+        self._id_to_token = list(tokens)
+        self._token_to_id = {token: index for index, token in enumerate(tokens)}
+        self.property_names = tuple(property_names)
+        self.symprec = symprec
+        self.angle_tolerance = angle_tolerance
+        super().__init__(
+            bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, unk_token=unk_token,
+            mask_token=mask_token, property_names=list(property_names), symprec=symprec,
+            angle_tolerance=angle_tolerance, **kwargs,
+        )
+
+    # ------------------------------------------------------------------ vocabulary (HF API)
+    @property
+    def vocab_size(self) -> int:
+        return len(self._id_to_token)
+
+    def get_vocab(self) -> dict[str, int]:
+        vocab = dict(self._token_to_id)
+        vocab.update(self.added_tokens_encoder)
+        return vocab
+
+    def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        return [codec.NUM if codec.is_number_literal(word) else word for word in text.split()]
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self._token_to_id.get(token, self._token_to_id[self.unk_token])
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self._id_to_token[index] if 0 <= index < len(self._id_to_token) else self.unk_token
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return " ".join(tokens)
+
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
+        ids = [self.bos_token_id] + token_ids_0
+        if token_ids_1 is not None:
+            ids += token_ids_1
+        return ids + [self.eos_token_id]
+
+    def get_special_tokens_mask(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
+    ) -> list[int]:
+        if already_has_special_tokens:
+            special = set(self.all_special_ids)
+            return [1 if token in special else 0 for token in token_ids_0]
+        return [1] + [0] * (len(token_ids_0) + len(token_ids_1 or [])) + [1]
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return 2
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
+        path = os.path.join(save_directory, name)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self._id_to_token, handle, indent=0)
+        return (path,)
+
+    # ------------------------------------------------------------------ numeric values
+    @property
+    def num_token_id(self) -> int:
+        """Id of ``<num>``, the token that stands for every continuous value."""
+        return self._token_to_id[codec.NUM]
+
+    @property
+    def numeric_kind_token_ids(self) -> dict[str, list[int]]:
+        """Label token ids per value kind: the label right before a ``<num>`` tells its kind."""
+        kinds: dict[str, list[int]] = {"fractional": [], "length": [], "angle": [], "scalar": []}
+        for label in VALUE_LABELS:
+            kinds[codec.value_kind(label)].append(self._token_to_id[label])
+        kinds["scalar"] = [self._token_to_id[f"prop:{name}"] for name in self.property_names]
+        return kinds
+
+    def _encode_plus(self, text: Any, text_pair: Any = None, **kwargs: Any) -> BatchEncoding:
+        is_single_text = isinstance(text, str) and (text_pair is None or isinstance(text_pair, str))
+        if not is_single_text:
+            return super()._encode_plus(text, text_pair, **kwargs)
+        return_tensors = kwargs.pop("return_tensors", None)
+        encoding = super()._encode_plus(text, text_pair, return_tensors=None, **kwargs)
+        values = [t for t in codec.text_to_tokens(text) + codec.text_to_tokens(text_pair or "") if not isinstance(t, str)]
+        encoding["numeric_values"] = self._place_values(encoding["input_ids"], values, kwargs)
+        return BatchEncoding(encoding.data, tensor_type=return_tensors, prepend_batch_axis=return_tensors is not None)
+
+    def _place_values(self, input_ids: list[int], values: list[float], kwargs: dict[str, Any]) -> list[float]:
+        """Put ``values`` on the ``<num>`` positions of ``input_ids`` (NaN elsewhere), truncation-aware."""
+        slots = [i for i, token in enumerate(input_ids) if token == self.num_token_id]
+        if len(slots) < len(values) and kwargs.get("truncation_strategy") and self.truncation_side == "left":
+            values = values[len(values) - len(slots):]
+        placed = [math.nan] * len(input_ids)
+        for slot, value in zip(slots, values):
+            placed[slot] = float(value)
+        return placed
+
+    def pad(self, encoded_inputs: Any, *args: Any, **kwargs: Any) -> BatchEncoding:
+        """``PreTrainedTokenizer.pad`` that also pads ``numeric_values`` (with NaN, on the padding side)."""
+        items = encoded_inputs
+        if isinstance(items, (list, tuple)) and items and isinstance(items[0], (dict, BatchEncoding)):
+            items = {key: [item[key] for item in items] for key in items[0].keys()}
+        if not isinstance(items, (dict, BatchEncoding)) or "numeric_values" not in items:
+            return super().pad(encoded_inputs, *args, **kwargs)
+        return_tensors = kwargs.pop("return_tensors", None)
+        side = kwargs.get("padding_side") or self.padding_side
+        padded = super().pad({k: v for k, v in items.items() if k != "numeric_values"}, *args, **kwargs)
+        ids = _to_list(padded["input_ids"])
+        values = _to_list(items["numeric_values"])
+        batched = bool(ids) and isinstance(ids[0], list)
+        rows = []
+        for id_row, value_row in zip(ids if batched else [ids], values if batched else [values]):
+            fill = [math.nan] * (len(id_row) - len(value_row))
+            rows.append(fill + value_row if side == "left" else value_row + fill)
+        padded["numeric_values"] = rows if batched else rows[0]
+        return BatchEncoding(padded.data, tensor_type=return_tensors)
+
+    # ------------------------------------------------------------------ crystals
+    def structure_to_string(self, structure: Structure, **conditions: Any) -> str:
+        """Encode ``structure`` as text; ``conditions`` (e.g. ``crystal_system=True``) become the prefix.
+
+        Condition keywords: ``crystal_system``, ``space_group``, ``elements``, ``composition`` (``True``
+        takes them from the structure), ``stability`` ("low"/"high") or ``e_above_hull`` (eV/atom),
+        ``properties`` (``{name: value}``). Raises ``CrystalEncodeError`` for unsupported input.
+        """
+        crystal = codec.structure_to_crystal(structure, symprec=self.symprec, angle_tolerance=self.angle_tolerance)
+        resolved = codec.conditions_for_structure(structure, crystal, **conditions)
+        unknown = [name for name, _ in resolved.properties if name not in self.property_names]
+        if unknown:
+            raise ValueError(f"properties {unknown} are not in this tokenizer's property_names {self.property_names}")
+        return codec.tokens_to_text(codec.conditions_to_tokens(resolved) + [codec.SEP] + codec.crystal_to_tokens(crystal))
+
+    def structures_to_strings(
+        self, structures: Iterable[Structure], **conditions: Any
+    ) -> list[str | CrystalEncodeError]:
+        """Batch ``structure_to_string``: one string or ``CrystalEncodeError`` per structure."""
+        results: list[str | CrystalEncodeError] = []
+        for structure in structures:
+            try:
+                results.append(self.structure_to_string(structure, **conditions))
+            except CrystalEncodeError as err:
+                results.append(err)
+        return results
+
+    def encode_structure(self, structure: Structure, return_tensors: str | None = None, **conditions: Any) -> BatchEncoding:
+        """Encode ``structure`` straight to ``input_ids`` / ``attention_mask`` / ``numeric_values``."""
+        return self(self.structure_to_string(structure, **conditions), return_tensors=return_tensors)
+
+    def condition_prefix(self, **conditions: Any) -> str:
+        """Prompt text for generation: the condition prefix followed by ``<sep>``.
+
+        Takes explicit values only: ``crystal_system``, ``space_group``, ``elements``, ``composition``
+        (conventional-cell counts), ``stability``, ``properties``.
+        """
+        resolved = codec.Conditions(
+            crystal_system=conditions.get("crystal_system"),
+            space_group=conditions.get("space_group"),
+            elements=tuple(conditions["elements"]) if conditions.get("elements") else None,
+            composition=tuple(dict(conditions["composition"]).items()) if conditions.get("composition") else None,
+            stability=conditions.get("stability"),
+            properties=tuple(dict(conditions.get("properties") or {}).items()),
+        )
+        return codec.tokens_to_text(codec.conditions_to_tokens(resolved) + [codec.SEP])
+
+    def string_to_crystal(self, text: str) -> codec.WyckoffCrystal:
+        """Parse text into the codec's ``WyckoffCrystal`` (no geometry built)."""
+        return codec.tokens_to_crystal(codec.text_to_tokens(text))
+
+    def string_to_structure(self, text: str) -> Structure:
+        """Decode text to the conventional-cell ``Structure``; raises ``CrystalDecodeError``."""
+        return codec.crystal_to_structure(self.string_to_crystal(text))
+
+    def strings_to_structures(self, texts: Iterable[str]) -> list[Structure | CrystalDecodeError]:
+        """Batch ``string_to_structure``: one ``Structure`` or ``CrystalDecodeError`` per text."""
+        return [_decode_or_error(lambda: self.string_to_structure(text)) for text in texts]
+
+    def ids_to_tokens_with_values(self, input_ids: Sequence[int], numeric_values: Sequence[float] | None) -> list[str | float]:
+        """Token strings for ``input_ids`` with each ``<num>`` replaced by its float value."""
+        ids = _to_list(input_ids)
+        values = _to_list(numeric_values) if numeric_values is not None else [math.nan] * len(ids)
+        if len(values) != len(ids):
+            raise MalformedSequenceError(f"{len(ids)} token ids but {len(values)} numeric values")
+        tokens: list[str | float] = []
+        for token_id, value in zip(ids, values):
+            token = self._convert_id_to_token(int(token_id))
+            tokens.append(float(value) if token == codec.NUM else token)
+        return tokens
+
+    def decode_structure(self, input_ids: Sequence[int], numeric_values: Sequence[float] | None = None) -> Structure:
+        """Decode one id sequence (with its ``numeric_values``) to a ``Structure``."""
+        tokens = self.ids_to_tokens_with_values(input_ids, numeric_values)
+        return codec.crystal_to_structure(codec.tokens_to_crystal(tokens))
+
+    def decode_structures(
+        self, sequences: Any, numeric_values: Any = None
+    ) -> list[Structure | CrystalDecodeError]:
+        """Decode a batch: ``model.generate`` output (with ``.sequences`` and ``.numeric_values``) or ids."""
+        if hasattr(sequences, "sequences"):
+            numeric_values = getattr(sequences, "numeric_values", numeric_values)
+            sequences = sequences.sequences
+        rows = _to_list(sequences)
+        value_rows = _to_list(numeric_values) if numeric_values is not None else [None] * len(rows)
+        return [
+            _decode_or_error(lambda ids=ids, vals=vals: self.decode_structure(ids, vals))
+            for ids, vals in zip(rows, value_rows)
+        ]
+
+    def grammar_processor(self, **kwargs: Any):
+        """A ``LogitsProcessor`` that only allows decodable continuations (see ``wyckoff.grammar``)."""
+        from crystal_tokenizers.wyckoff.grammar import WyckoffGrammarLogitsProcessor
+
+        return WyckoffGrammarLogitsProcessor(self, **kwargs)
+
+
+def _to_list(values: Any) -> list:
+    if values is None:
+        return []
+    if hasattr(values, "tolist"):
+        return values.tolist()
+    return [(_to_list(v) if isinstance(v, (list, tuple, np.ndarray)) or hasattr(v, "tolist") else v) for v in values]
+
+
+def _decode_or_error(decode) -> Any:
+    try:
+        return decode()
+    except CrystalDecodeError as err:
+        return err
+
+
+WyckoffTokenizer.register_for_auto_class("AutoTokenizer")
