@@ -1,0 +1,158 @@
+"""Render Hub model and dataset cards (YAML metadata + Markdown body) from Jinja2 templates.
+
+The renderer reads plain values and metrics JSON files only; it imports no model code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+CRYSTAL_TAGS: tuple[str, ...] = ("crystal-generation", "materials-science", "crystal-structure", "crystal-lm")
+_SIZE_CATEGORIES: tuple[tuple[int, str], ...] = (
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+)
+
+
+@dataclass(frozen=True)
+class DatasetCardInfo:
+    """What a dataset card states: provenance, split counts and encode failures by error type."""
+
+    pretty_name: str
+    representation: str
+    source: str
+    license: str
+    split_counts: Mapping[str, int]
+    split_failures: Mapping[str, int]
+    failures_by_type: Mapping[str, int]
+    split_rule: str
+    property_names: Sequence[str]
+    symprec: float
+    repo_id: str = "ORG/NAME"
+    citation: str = ""
+    data_file_pattern: str = "data/{split}-*.parquet"
+
+
+@dataclass(frozen=True)
+class ModelCardInfo:
+    """What a model card states besides the metrics: names, data, licence."""
+
+    model_name: str
+    model_type: str
+    representation: str
+    repo_id: str = "ORG/NAME"
+    license: str = "apache-2.0"
+    datasets: Sequence[str] = field(default_factory=tuple)
+    base_model: str | None = None
+
+
+def size_category(n: int) -> str:
+    """The Hub's size-category label for ``n`` examples."""
+    for bound, label in _SIZE_CATEGORIES:
+        if n < bound:
+            return label
+    return "n>10M"
+
+
+def flatten_metrics(metrics: Mapping[str, object], prefix: str = "") -> dict[str, float]:
+    """Flatten nested metrics into ``{"a.b": value}``, keeping finite numbers only (bools dropped)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, prefix=f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            flat[name] = float(value)
+    return flat
+
+
+def load_metrics(path: str | Path) -> dict[str, float]:
+    """Read a metrics JSON file and flatten it (see :func:`flatten_metrics`)."""
+    return flatten_metrics(json.loads(Path(path).read_text()))
+
+
+def _format_value(value: float) -> str:
+    return f"{int(value)}" if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+
+
+def render_dataset_card(info: DatasetCardInfo) -> str:
+    """Render the dataset card (README.md) of a prepared dataset folder."""
+    splits = list(info.split_counts)
+    card_data = DatasetCardData(
+        license=info.license,
+        pretty_name=info.pretty_name,
+        size_categories=size_category(sum(info.split_counts.values())),
+        task_categories=["text-generation"],
+        tags=list(CRYSTAL_TAGS) + [info.representation],
+        configs=[
+            {
+                "config_name": "default",
+                "data_files": [
+                    {"split": split, "path": info.data_file_pattern.format(split=split)} for split in splits
+                ],
+            }
+        ],
+    )
+    card = DatasetCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_DIR / "dataset_card.md"),
+        pretty_name=info.pretty_name,
+        representation=info.representation,
+        source=info.source,
+        license=info.license,
+        repo_id=info.repo_id,
+        citation=info.citation,
+        split_rule=info.split_rule,
+        symprec=info.symprec,
+        property_names=", ".join(f"`{name}`" for name in info.property_names) or "none",
+        split_rows=[
+            {"split": s, "count": info.split_counts[s], "failed": info.split_failures.get(s, 0)} for s in splits
+        ],
+        failure_rows=[
+            {"error_type": name, "count": count}
+            for name, count in sorted(info.failures_by_type.items(), key=lambda kv: (-kv[1], kv[0]))
+        ],
+    )
+    return str(card)
+
+
+def render_model_card(
+    info: ModelCardInfo, metrics: Mapping[str, float] | None = None, metrics_source: str = ""
+) -> str:
+    """Render a model card (README.md); ``metrics`` are flattened names -> values shown as a table."""
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=info.license,
+        tags=list(CRYSTAL_TAGS) + [info.representation, info.model_type],
+        datasets=list(info.datasets) or None,
+        base_model=info.base_model,
+    )
+    datasets_text = (
+        "Trained on " + ", ".join(f"`{name}`" for name in info.datasets) + "."
+        if info.datasets
+        else "The training data were not recorded."
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_DIR / "model_card.md"),
+        model_name=info.model_name,
+        model_type=info.model_type,
+        representation=info.representation,
+        repo_id=info.repo_id,
+        license=info.license,
+        datasets_text=datasets_text,
+        metric_rows=[{"name": k, "value": _format_value(v)} for k, v in sorted((metrics or {}).items())],
+        metrics_source=metrics_source,
+    )
+    return str(card)
