@@ -1,0 +1,430 @@
+"""Labelled quotient graph (+ symmetry operations) -> coordinates and cell, without an ML potential.
+
+Pipeline (each step a small pure function):
+
+1. Barycentric placement: every node at the mean of its bonded neighbours' images, a linear solve
+   of the edge equations ``L x = b`` (graph Laplacian ``L``; Delaney, Olaf, Thimm). Nets whose
+   barycentric placement puts two atoms on one point (or that are not 3-periodic) are repaired by a
+   weighted (non-barycentric) placement and, failing that, a small deterministic perturbation.
+2. Initial cell: the metric tensor that best gives every bond its target length, a 6-unknown linear
+   least-squares problem in the metric, regularised towards a cubic cell of the right volume.
+3. Optimisation (scipy L-BFGS-B, analytic gradients, vectorised numpy) of the lower-triangular cell
+   and fractional positions: harmonic bond-length term toward covalent-radius sums, a one-sided
+   repulsion between non-bonded atoms, and a weak pressure that keeps floppy directions compact.
+4. Symmetry (SLICES-PLUS): every decoded operation must be an automorphism of the labelled graph
+   (found by a backtracking search; ``SymmetryMismatchError`` otherwise); positions and metric are
+   then projected onto the operations (Reynolds average), so the crystal has their point group.
+
+Every decode is time-boxed (``DecodeTimeoutError``), so fuzzed graphs end in an error, not a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
+from pymatgen.core import Lattice, Structure
+from scipy.optimize import minimize
+
+from crystal_tokenizers.errors import DecodeTimeoutError, EmbeddingError, SymmetryMismatchError
+from crystal_tokenizers.slices.codec import SymOp
+from crystal_tokenizers.slices.graph import CrystalGraph, orient_edge, shift_gauge
+
+logger = logging.getLogger(__name__)
+
+_FALLBACK_RADIUS = 1.5  # Å, for elements without a tabulated covalent radius
+_IMAGES = np.array(list(product((-1, 0, 1), repeat=3)), dtype=float)  # 27 neighbouring cells
+_ZERO_IMAGE = 13  # index of (0, 0, 0) in _IMAGES
+_COLLISION = 1e-3  # fractional distance below which two barycentric nodes coincide
+_MAX_AUTOMORPHISM_STEPS = 2_000
+
+
+@dataclass(frozen=True)
+class EmbeddingParams:
+    """Weights and limits of the embedding (lengths in Å, time in s)."""
+
+    repulsion_factor: float = 1.3
+    """Non-bonded pairs are pushed apart to this multiple of their would-be bond length."""
+    repulsion_weight: float = 1.0
+    pressure_weight: float = 0.02
+    """Weight of the volume term (volume relative to the sum of covalent-sphere volumes)."""
+    max_iterations: int = 400
+    time_limit_s: float = 10.0
+    seed: int = 0
+
+
+class _Timeout(Exception):
+    """Raised inside the objective when the time box is exceeded."""
+
+
+def covalent_radius(symbol: str) -> float:
+    """Covalent radius (Cordero et al. 2008, via pymatgen) in Å."""
+    return float(CovalentRadius.radius.get(symbol, _FALLBACK_RADIUS))
+
+
+def bond_targets(species: Sequence[str], pairs: np.ndarray) -> np.ndarray:
+    """Target bond lengths (Å) of node pairs ``pairs[:, 0]``–``pairs[:, 1]``: covalent-radius sums."""
+    radii = np.array([covalent_radius(s) for s in species])
+    return radii[pairs[:, 0]] + radii[pairs[:, 1]]
+
+
+def _edge_arrays(graph: CrystalGraph) -> tuple[np.ndarray, np.ndarray]:
+    edges = np.array(graph.edges, dtype=int).reshape(-1, 5)
+    return edges[:, :2], edges[:, 2:].astype(float)
+
+
+def periodic_rank(graph: CrystalGraph) -> int:
+    """Rank of the lattice spanned by the net's cycles (3 for a 3-periodic net)."""
+    pairs, offsets = _edge_arrays(graph)
+    position: dict[int, np.ndarray] = {}
+    adjacency: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(graph.num_nodes)]
+    for (i, j), v in zip(pairs, offsets):
+        adjacency[i].append((j, v))
+        adjacency[j].append((i, -v))
+    cycles = []
+    for root in range(graph.num_nodes):
+        if root in position:
+            continue
+        position[root] = np.zeros(3)
+        stack = [root]
+        while stack:
+            u = stack.pop()
+            for w, v in adjacency[u]:
+                if w not in position:
+                    position[w] = position[u] + v
+                    stack.append(w)
+                else:
+                    cycles.append(position[u] + v - position[w])
+    return int(np.linalg.matrix_rank(np.array(cycles))) if cycles else 0
+
+
+def barycentric_placement(graph: CrystalGraph, weights: np.ndarray | None = None) -> np.ndarray:
+    """Fractional positions (n, 3) solving the (weighted) barycentric edge equations ``L x = b``."""
+    n = graph.num_nodes
+    pairs, offsets = _edge_arrays(graph)
+    w = np.ones(len(pairs)) if weights is None else weights
+    keep = pairs[:, 0] != pairs[:, 1]  # loops cancel out of the equations
+    i, j, v, w = pairs[keep, 0], pairs[keep, 1], offsets[keep], w[keep]
+    laplacian = np.zeros((n, n))
+    np.add.at(laplacian, (i, i), w)
+    np.add.at(laplacian, (j, j), w)
+    np.add.at(laplacian, (i, j), -w)
+    np.add.at(laplacian, (j, i), -w)
+    rhs = np.zeros((n, 3))
+    np.add.at(rhs, i, w[:, None] * v)
+    np.add.at(rhs, j, -w[:, None] * v)
+    return np.linalg.lstsq(laplacian, rhs, rcond=None)[0]
+
+
+def has_collision(frac: np.ndarray) -> bool:
+    """Whether two nodes sit on the same point modulo the lattice."""
+    diff = frac[:, None, :] - frac[None, :, :]
+    diff -= np.round(diff)
+    dist = np.linalg.norm(diff, axis=-1) + np.eye(len(frac))
+    return bool(np.any(dist < _COLLISION))
+
+
+def initial_positions(graph: CrystalGraph, rng: np.random.Generator) -> np.ndarray:
+    """Barycentric placement, repaired when it collapses atoms or the net is not 3-periodic."""
+    frac = barycentric_placement(graph)
+    if not has_collision(frac) and periodic_rank(graph) == 3:
+        return frac
+    for _ in range(3):
+        frac = barycentric_placement(graph, rng.uniform(0.5, 1.5, len(graph.edges)))
+        if not has_collision(frac):
+            break
+    return frac + rng.normal(0.0, 0.05, frac.shape)
+
+
+def initial_metric(graph: CrystalGraph, frac: np.ndarray, targets: np.ndarray, volume: float) -> np.ndarray:
+    """Metric tensor (Å², 3x3) fitting ``d_e^T G d_e = r_e^2``, regularised toward a cubic cell."""
+    pairs, offsets = _edge_arrays(graph)
+    d = frac[pairs[:, 1]] - frac[pairs[:, 0]] + offsets
+    design = np.column_stack(
+        [d[:, 0] ** 2, d[:, 1] ** 2, d[:, 2] ** 2, 2 * d[:, 0] * d[:, 1], 2 * d[:, 0] * d[:, 2], 2 * d[:, 1] * d[:, 2]]
+    )
+    side2 = volume ** (2 / 3)
+    prior = np.array([side2, side2, side2, 0.0, 0.0, 0.0])
+    lam = 1e-3 * max(1.0, float(np.mean(targets**2)))
+    lhs = np.vstack([design, lam * np.eye(6) / side2])
+    rhs = np.concatenate([targets**2, lam * prior / side2])
+    g = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+    metric = np.array([[g[0], g[3], g[4]], [g[3], g[1], g[5]], [g[4], g[5], g[2]]])
+    evals, evecs = np.linalg.eigh(metric)
+    evals = np.maximum(evals, 0.1 * side2)
+    return (evecs * evals) @ evecs.T
+
+
+class _Objective:
+    """Energy and analytic gradient of cell (6 lower-triangular entries) + fractional positions."""
+
+    def __init__(self, graph: CrystalGraph, params: EmbeddingParams, deadline: float) -> None:
+        n = graph.num_nodes
+        self.n, self.params, self.deadline = n, params, deadline
+        self.pairs, self.offsets = _edge_arrays(graph)
+        self.targets = bond_targets(graph.species, self.pairs)
+        iu, ju = np.triu_indices(n)
+        self.pi, self.pj = iu, ju
+        self.pair_index = np.full((n, n), -1)
+        self.pair_index[iu, ju] = np.arange(len(iu))
+        self.rmin = params.repulsion_factor * bond_targets(graph.species, np.column_stack([iu, ju]))
+        self.exclude = np.zeros((len(iu), len(_IMAGES)), dtype=bool)
+        self.exclude[iu == ju, _ZERO_IMAGE] = True
+        radii = np.array([covalent_radius(s) for s in graph.species])
+        self.volume0 = float(np.sum(4.0 / 3.0 * np.pi * radii**3))
+        self.loops = self.pairs[:, 0] == self.pairs[:, 1]
+
+    @staticmethod
+    def lattice(x: np.ndarray) -> np.ndarray:
+        """Lower-triangular lattice matrix (rows = lattice vectors, Å) from the first 6 entries."""
+        a = np.zeros((3, 3))
+        a[np.tril_indices(3)] = x[:6]
+        return a
+
+    def _bonded_images(self, frac: np.ndarray) -> np.ndarray:
+        """Mask of (pair, image) slots that are bonds, given the nearest-image convention."""
+        mask = self.exclude.copy()
+        i, j = self.pairs[:, 0], self.pairs[:, 1]
+        k = self.offsets + np.round(frac[j] - frac[i])
+        ok = np.all(np.abs(k) <= 1, axis=1)
+        image = ((k[:, 0] + 1) * 9 + (k[:, 1] + 1) * 3 + (k[:, 2] + 1)).astype(int)
+        mask[self.pair_index[i[ok], j[ok]], image[ok]] = True
+        loops = ok & self.loops
+        mask[self.pair_index[i[loops], j[loops]], 26 - image[loops]] = True
+        return mask
+
+    def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        if time.monotonic() > self.deadline:
+            raise _Timeout
+        lat = self.lattice(x)
+        frac = x[6:].reshape(self.n, 3)
+        grad_frac = np.zeros_like(frac)
+        grad_lat = np.zeros((3, 3))
+        # bonds
+        i, j = self.pairs[:, 0], self.pairs[:, 1]
+        delta = frac[j] - frac[i] + self.offsets
+        cart = delta @ lat
+        length = np.linalg.norm(cart, axis=1) + 1e-12
+        resid = (length - self.targets) / self.targets
+        energy = float(np.sum(resid**2))
+        g_cart = (2 * resid / self.targets / length)[:, None] * cart
+        # repulsion between non-bonded image pairs
+        base = frac[self.pj] - frac[self.pi]
+        base -= np.round(base)
+        rdelta = base[:, None, :] + _IMAGES[None, :, :]
+        rcart = rdelta @ lat
+        rlen = np.linalg.norm(rcart, axis=-1) + 1e-12
+        rmin = self.rmin[:, None]
+        active = (rlen < rmin) & ~self._bonded_images(frac)
+        over = np.where(active, (rmin - rlen) / rmin, 0.0)
+        w = self.params.repulsion_weight
+        energy += w * float(np.sum(over**2))
+        g_rcart = (-2 * w * over / rmin / rlen)[..., None] * rcart
+        # pressure
+        volume = abs(float(np.linalg.det(lat)))
+        pw = self.params.pressure_weight / self.volume0
+        energy += pw * volume
+        grad_lat += pw * volume * np.linalg.inv(lat).T
+        # back-propagate Cartesian gradients to positions and cell
+        grad_lat += delta.T @ g_cart
+        g_delta = g_cart @ lat.T
+        np.add.at(grad_frac, j, g_delta)
+        np.add.at(grad_frac, i, -g_delta)
+        rdelta_flat, g_rcart_flat = rdelta.reshape(-1, 3), g_rcart.reshape(-1, 3)
+        grad_lat += rdelta_flat.T @ g_rcart_flat
+        g_rdelta = (g_rcart @ lat.T).sum(axis=1)
+        np.add.at(grad_frac, self.pj, g_rdelta)
+        np.add.at(grad_frac, self.pi, -g_rdelta)
+        grad = np.concatenate([grad_lat[np.tril_indices(3)], grad_frac.ravel()])
+        return energy, grad
+
+
+def _maps_edges(graph: CrystalGraph, rotation: np.ndarray, sigma: Sequence[int], shifts: np.ndarray) -> bool:
+    """Whether ``(sigma, shifts)`` maps every edge ``(i, j, v)`` to the edge ``(sigma i, sigma j, R v + s_j - s_i)``."""
+    edges = np.array(graph.edges, dtype=int)
+    sig = np.asarray(sigma)
+    mapped = edges[:, 2:] @ rotation.T + shifts[edges[:, 1]] - shifts[edges[:, 0]]
+    images = {orient_edge((int(a), int(b), *map(int, v))) for a, b, v in zip(sig[edges[:, 0]], sig[edges[:, 1]], mapped)}
+    return images == set(graph.edges)
+
+
+def _automorphism_from_placement(
+    graph: CrystalGraph, rotation: np.ndarray, placement: np.ndarray
+) -> tuple[list[int], np.ndarray] | None:
+    """Automorphism with linear part ``rotation`` read off a barycentric placement, or None.
+
+    A barycentric placement is equivariant: an automorphism maps ``R x_i + tau`` onto ``x_sigma(i) +
+    s_i`` (``s_i`` integer), so trying each image of node 0 determines everything else.
+    """
+    species = np.array(graph.species)
+    mapped0 = placement @ rotation.T
+    for m in np.flatnonzero(species == species[0]):
+        moved = mapped0 + (placement[m] - mapped0[0])
+        diff = moved[:, None, :] - placement[None, :, :]
+        lattice_part = np.round(diff)
+        dist = np.linalg.norm(diff - lattice_part, axis=-1)
+        dist[species[:, None] != species[None, :]] = np.inf
+        sigma = np.argmin(dist, axis=1)
+        if np.max(dist[np.arange(len(sigma)), sigma]) > 1e-6 or len(set(sigma.tolist())) != len(sigma):
+            continue
+        shifts = lattice_part[np.arange(len(sigma)), sigma].astype(int)
+        if _maps_edges(graph, rotation, sigma, shifts):
+            return sigma.tolist(), shifts
+    return None
+
+
+def _automorphism(graph: CrystalGraph, rotation: np.ndarray, deadline: float) -> tuple[list[int], np.ndarray] | None:
+    """Node permutation and integer shifts realising ``rotation`` on the labelled graph, or None.
+
+    Finds ``sigma, s`` with every edge ``(i, j, v)`` mapped to the edge ``(sigma i, sigma j, R v +
+    s_j - s_i)`` (backtracking over the image of each node, propagated along edges).
+    """
+    n = graph.num_nodes
+    edge_set = set(graph.edges)
+    incident: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n)]
+    for i, j, *v in graph.edges:
+        incident[i].append((j, np.array(v)))
+        incident[j].append((i, -np.array(v)))
+    out_edges: list[dict[int, list[np.ndarray]]] = [{} for _ in range(n)]
+    for i, j, *v in graph.edges:
+        out_edges[i].setdefault(j, []).append(np.array(v))
+        out_edges[j].setdefault(i, []).append(-np.array(v))
+    order = _bfs_order(incident, n)
+    steps = 0
+
+    def consistent(sigma: dict[int, int], shift: dict[int, np.ndarray], node: int) -> bool:
+        for other, v in incident[node]:
+            if other in sigma:
+                w = rotation @ v + shift[other] - shift[node]
+                if orient_edge((sigma[node], sigma[other], *map(int, w))) not in edge_set:
+                    return False
+        return True
+
+    def extend(k: int, sigma: dict[int, int], shift: dict[int, np.ndarray], used: set[int]) -> bool:
+        nonlocal steps
+        steps += 1
+        if steps > _MAX_AUTOMORPHISM_STEPS or time.monotonic() > deadline:
+            raise _Timeout
+        if k == n:
+            return True
+        node, parent, v = order[k]
+        if parent is None:
+            candidates = [(m, np.zeros(3, dtype=int)) for m in range(n)]
+        else:
+            target = sigma[parent]
+            candidates = [
+                (m, w - rotation @ v + shift[parent])
+                for m, ws in out_edges[target].items()
+                for w in ws
+            ]
+        for m, s in candidates:
+            if m in used or graph.species[m] != graph.species[node]:
+                continue
+            sigma[node], shift[node] = m, s.astype(int)
+            if consistent(sigma, shift, node):
+                used.add(m)
+                if extend(k + 1, sigma, shift, used):
+                    return True
+                used.discard(m)
+            del sigma[node], shift[node]
+        return False
+
+    sigma: dict[int, int] = {}
+    shift: dict[int, np.ndarray] = {}
+    if not extend(0, sigma, shift, set()):
+        return None
+    return [sigma[k] for k in range(n)], np.array([shift[k] for k in range(n)])
+
+
+def _bfs_order(incident: list[list[tuple[int, np.ndarray]]], n: int) -> list[tuple[int, int | None, np.ndarray]]:
+    """Nodes in breadth-first order with the parent and the offset of the edge parent -> node."""
+    seen: set[int] = set()
+    order: list[tuple[int, int | None, np.ndarray]] = []
+    for root in range(n):
+        if root in seen:
+            continue
+        seen.add(root)
+        order.append((root, None, np.zeros(3, dtype=int)))
+        queue = [root]
+        while queue:
+            u = queue.pop(0)
+            for w, v in incident[u]:
+                if w not in seen:
+                    seen.add(w)
+                    order.append((w, u, v))
+                    queue.append(w)
+    return order
+
+
+def symmetrize(
+    frac: np.ndarray, metric: np.ndarray, symops: Sequence[SymOp], actions: Sequence[tuple[list[int], np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Project positions and metric onto the operations (Reynolds average over the group).
+
+    The translation of each operation is re-estimated from the positions, so the result has the
+    decoded operations up to a shift of origin.
+    """
+    rotations = [op.matrices()[0] for op in symops]
+    metric = sum(r.T @ metric @ r for r in rotations) / len(rotations)
+    for _ in range(2):
+        images = np.zeros_like(frac)
+        for rot, (sigma, shift) in zip(rotations, actions):
+            mapped = frac @ rot.T  # R f_i
+            target = frac[sigma] + shift  # f_sigma(i) + s_i, up to the operation's translation
+            translation = np.mean(target - mapped, axis=0)
+            # preimage of f_sigma(i): R^-1 (f_sigma(i) + s_i - t)
+            images += (target - translation) @ np.linalg.inv(rot).T
+        frac = images / len(rotations)
+    return frac, metric
+
+
+def embed(
+    graph: CrystalGraph, symops: Sequence[SymOp] = (), params: EmbeddingParams = EmbeddingParams()
+) -> Structure:
+    """A crystal whose bonded net is ``graph`` (and, if given, with the operations' point group)."""
+    deadline = time.monotonic() + params.time_limit_s
+    bonded = {k for e in graph.edges for k in e[:2]}
+    if len(bonded) < graph.num_nodes:
+        raise EmbeddingError(f"nodes {sorted(set(range(graph.num_nodes)) - bonded)} have no bonds")
+    rng = np.random.default_rng(params.seed)
+    try:
+        actions = []
+        placement = barycentric_placement(graph)
+        for k, op in enumerate(symops):
+            rotation = op.matrices()[0]
+            action = _automorphism_from_placement(graph, rotation, placement)
+            if action is None:
+                action = _automorphism(graph, rotation, deadline)
+            if action is None:
+                raise SymmetryMismatchError(
+                    f"operation {k} ({' '.join(op.tokens())}) is not an automorphism of the crystal graph"
+                )
+            actions.append(action)
+        frac = initial_positions(graph, rng)
+        objective = _Objective(graph, params, deadline)
+        metric = initial_metric(graph, frac, objective.targets, 1.5 * objective.volume0)
+        if symops:
+            frac, metric = symmetrize(frac, metric, symops, actions)
+        lat0 = np.linalg.cholesky(metric)
+        x0 = np.concatenate([lat0[np.tril_indices(3)], frac.ravel()])
+        result = minimize(
+            objective, x0, jac=True, method="L-BFGS-B", options={"maxiter": params.max_iterations}
+        )
+        lat = _Objective.lattice(result.x)
+        frac = result.x[6:].reshape(-1, 3)
+        if symops:
+            frac, metric = symmetrize(frac, lat @ lat.T, symops, actions)
+            lat = np.linalg.cholesky(metric)
+    except _Timeout:
+        raise DecodeTimeoutError(f"embedding exceeded its time box of {params.time_limit_s} s") from None
+    except np.linalg.LinAlgError as err:
+        raise EmbeddingError(f"degenerate cell or placement: {err}") from err
+    if not (np.all(np.isfinite(lat)) and np.all(np.isfinite(frac))) or abs(np.linalg.det(lat)) < 1e-3:
+        raise EmbeddingError("optimisation collapsed the cell")
+    wrapped, _ = shift_gauge(frac)
+    return Structure(Lattice(lat), list(graph.species), wrapped)

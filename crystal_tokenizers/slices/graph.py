@@ -1,0 +1,237 @@
+"""Structure <-> labelled quotient graph (the crystal graph of SLICES).
+
+A crystal graph is the quotient of the infinite bonded net by the lattice: one node per site of the
+cell, one edge per bond ``(i, j, v)`` meaning that site ``i`` in the home cell is bonded to site ``j``
+in the cell translated by the integer vector ``v`` (the edge's periodic-image offset, in units of the
+lattice vectors). SLICES writes offsets as ``-``/``o``/``+``, so only offsets in {-1, 0, 1}^3 are
+representable (Xiao et al., Nat. Commun. 14, 7027 (2023)).
+
+Canonical form: edges are stored once, oriented ``i < j`` (or, for a loop ``i == i``, with the
+offset whose first non-zero component is positive), and sorted. Canonical node order (invariant to the
+order of the input sites): electronegativity (as pymatgen's formulas), then atomic number, then a
+Weisfeiler-Lehman colour of the bonded net, then the wrapped fractional coordinates.
+
+Neighbour strategy: the default is chosen by measured round trips on the MP-20 sample
+(``benchmarks/slices_decode.py``, see the module docstring of
+``crystal_tokenizers.tokenization_slices_plus`` for the numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pymatgen.analysis.graphs import StructureGraph
+from pymatgen.analysis.local_env import (
+    BrunnerNNReciprocal,
+    CrystalNN,
+    EconNN,
+    MinimumDistanceNN,
+    NearNeighbors,
+)
+from pymatgen.core import Element, Structure
+
+from crystal_tokenizers.errors import (
+    DisorderedStructureError,
+    GraphConstructionError,
+    InvalidStructureError,
+)
+
+logger = logging.getLogger(__name__)
+
+Edge = tuple[int, int, int, int, int]
+"""One bond: ``(i, j, a, b, c)`` with the periodic-image offset ``(a, b, c)`` of node ``j``."""
+
+_STRATEGY_FACTORIES: dict[str, Callable[[], NearNeighbors]] = {
+    "econnn": EconNN,
+    "crystalnn": lambda: CrystalNN(porous_adjustment=False, weighted_cn=True),
+    "minimumdistancenn": MinimumDistanceNN,
+    "brunnernn_reciprocal": BrunnerNNReciprocal,
+}
+NEIGHBOUR_STRATEGIES: tuple[str, ...] = tuple(_STRATEGY_FACTORIES)
+"""Names of the pymatgen local-environment strategies of the reference SLICES encoder."""
+
+DEFAULT_STRATEGY = "econnn"
+"""Neighbour strategy used when none is given (see the module docstring)."""
+
+_WL_ROUNDS = 4
+_COORD_DECIMALS = 4
+
+
+@dataclass(frozen=True)
+class CrystalGraph:
+    """A labelled quotient graph: node element symbols and bonds ``(i, j, a, b, c)``."""
+
+    species: tuple[str, ...]
+    edges: tuple[Edge, ...]
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of nodes (sites of the cell)."""
+        return len(self.species)
+
+    def canonical(self) -> CrystalGraph:
+        """The same graph with every edge oriented canonically and the edges sorted and unique."""
+        return CrystalGraph(self.species, tuple(sorted({orient_edge(e) for e in self.edges})))
+
+    def permuted(self, order: Sequence[int]) -> CrystalGraph:
+        """Relabel nodes: new node ``k`` is old node ``order[k]``."""
+        new_index = {old: new for new, old in enumerate(order)}
+        species = tuple(self.species[old] for old in order)
+        edges = [(new_index[i], new_index[j], a, b, c) for i, j, a, b, c in self.edges]
+        return CrystalGraph(species, tuple(edges)).canonical()
+
+
+def orient_edge(edge: Edge) -> Edge:
+    """Orient a bond canonically: ``i < j``, or for a loop the offset with positive leading entry."""
+    i, j, a, b, c = edge
+    if i > j or (i == j and (a, b, c) < (0, 0, 0)):
+        return (j, i, -a, -b, -c)
+    return edge
+
+
+def make_strategy(name: str) -> NearNeighbors:
+    """A fresh pymatgen neighbour strategy by name (one of ``NEIGHBOUR_STRATEGIES``)."""
+    try:
+        return _STRATEGY_FACTORIES[name.lower()]()
+    except KeyError:
+        raise ValueError(f"unknown neighbour strategy {name!r}; choose from {NEIGHBOUR_STRATEGIES}") from None
+
+
+def _check_structure(structure: Structure) -> None:
+    if not structure.is_ordered:
+        raise DisorderedStructureError(f"{structure.formula}: partial occupancies are not supported")
+    if len(structure) == 0:
+        raise InvalidStructureError("empty structure")
+    if not (np.all(np.isfinite(structure.lattice.matrix)) and np.all(np.isfinite(structure.frac_coords))):
+        raise InvalidStructureError(f"{structure.formula}: non-finite lattice or coordinates")
+
+
+def structure_to_graph(structure: Structure, strategy: str = DEFAULT_STRATEGY) -> CrystalGraph:
+    """The labelled quotient graph of ``structure`` in its own site order (offsets in its cell)."""
+    _check_structure(structure)
+    try:
+        sgraph = StructureGraph.from_local_env_strategy(structure, make_strategy(strategy))
+    except (ValueError, RuntimeError, IndexError) as err:
+        raise GraphConstructionError(f"{structure.formula}: {strategy} failed: {err}") from err
+    edges = [
+        (int(i), int(j), *(int(round(x)) for x in image))
+        for i, j, image in sgraph.graph.edges(data="to_jimage")
+    ]
+    species = tuple(site.specie.symbol for site in structure)
+    return CrystalGraph(species, tuple(edges)).canonical()
+
+
+def check_sliceable(graph: CrystalGraph, name: str = "structure") -> None:
+    """Raise GraphConstructionError unless every node is bonded and every offset is in {-1,0,1}."""
+    bonded = {i for e in graph.edges for i in e[:2]}
+    isolated = sorted(set(range(graph.num_nodes)) - bonded)
+    if isolated:
+        raise GraphConstructionError(f"{name}: isolated node(s) {isolated} have no bonds")
+    far = [e for e in graph.edges if max(abs(x) for x in e[2:]) > 1]
+    if far:
+        raise GraphConstructionError(
+            f"{name}: bond {far[0]} reaches beyond the neighbouring cells (offset not in -1/0/+1)"
+        )
+
+
+def _electronegativity_key(symbol: str) -> tuple[float, int]:
+    element = Element(symbol)
+    chi = element.X if np.isfinite(element.X) else float("inf")
+    return (chi, element.Z)
+
+
+def wl_colours(graph: CrystalGraph, rounds: int = _WL_ROUNDS) -> list[int]:
+    """Weisfeiler-Lehman colours of the nodes (element-seeded, offset-blind, order-invariant ranks)."""
+    neighbours: list[list[int]] = [[] for _ in range(graph.num_nodes)]
+    for i, j, *_ in graph.edges:
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    labels: list[object] = list(graph.species)
+    for _ in range(rounds):
+        signatures = [(labels[k], tuple(sorted(map(str, (labels[m] for m in neighbours[k]))))) for k in range(graph.num_nodes)]
+        ranking = {sig: rank for rank, sig in enumerate(sorted(set(map(str, signatures))))}
+        labels = [ranking[str(sig)] for sig in signatures]
+    return [int(x) for x in labels]  # type: ignore[call-overload]
+
+
+def canonical_order(graph: CrystalGraph, frac_coords: np.ndarray) -> list[int]:
+    """Node order independent of the input site order (see the module docstring)."""
+    colours = wl_colours(graph)
+    wrapped = np.round(np.mod(np.round(frac_coords, _COORD_DECIMALS), 1.0), _COORD_DECIMALS)
+    keys = [
+        (*_electronegativity_key(graph.species[k]), colours[k], *map(float, wrapped[k]))
+        for k in range(graph.num_nodes)
+    ]
+    return sorted(range(graph.num_nodes), key=keys.__getitem__)
+
+
+def shift_gauge(frac_coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Wrap coordinates to [0, 1); also return the integer shift applied to each site."""
+    shifts = -np.floor(frac_coords).astype(int)
+    wrapped = frac_coords + shifts
+    wrapped[wrapped >= 1.0] -= 1.0
+    return wrapped, shifts
+
+
+def regauge_edges(edges: Sequence[Edge], shifts: np.ndarray) -> tuple[Edge, ...]:
+    """Offsets after moving site ``k`` by the lattice vector ``shifts[k]`` (wrapping coordinates)."""
+    out = []
+    for i, j, a, b, c in edges:
+        v = np.array([a, b, c]) + shifts[i] - shifts[j]
+        out.append(orient_edge((i, j, *map(int, v))))
+    return tuple(sorted(set(out)))
+
+
+def augment_order(graph: CrystalGraph, seed: int | None = None) -> tuple[CrystalGraph, list[int]]:
+    """A random relabelling of the nodes (an equivalent string for data augmentation)."""
+    order = list(range(graph.num_nodes))
+    random.Random(seed).shuffle(order)
+    return graph.permuted(order), order
+
+
+def _offsets_by_pair(graph: CrystalGraph) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
+    table: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for i, j, a, b, c in graph.edges:
+        table.setdefault((i, j), []).append((a, b, c))
+    return {pair: sorted(offsets) for pair, offsets in table.items()}
+
+
+def same_graph_up_to_gauge(first: CrystalGraph, second: CrystalGraph) -> bool:
+    """Whether two graphs with the same node labels differ only by lattice shifts of whole nodes.
+
+    Moving node ``k`` by the lattice vector ``s_k`` turns an offset ``v`` of edge ``(i, j)`` into
+    ``v + s_i - s_j``; this is how wrapping coordinates into the cell changes a quotient graph.
+    """
+    if first.species != second.species or len(first.edges) != len(second.edges):
+        return False
+    one, two = _offsets_by_pair(first.canonical()), _offsets_by_pair(second.canonical())
+    if one.keys() != two.keys():
+        return False
+    shifts: dict[int, np.ndarray] = {}
+    adjacency: dict[int, list[int]] = {}
+    for i, j in one:
+        adjacency.setdefault(i, []).append(j)
+        adjacency.setdefault(j, []).append(i)
+    for root in range(first.num_nodes):
+        if root in shifts:
+            continue
+        shifts[root] = np.zeros(3, dtype=int)
+        stack = [root]
+        while stack:
+            u = stack.pop()
+            for w in adjacency.get(u, []):
+                if w in shifts:
+                    continue
+                i, j = min(u, w), max(u, w)
+                d = np.subtract(two[(i, j)][0], one[(i, j)][0])  # = s_i - s_j
+                shifts[w] = shifts[u] - d if u == i else shifts[u] + d
+                stack.append(w)
+    for (i, j), offsets in one.items():
+        moved = sorted(tuple(int(x) for x in np.add(v, shifts[i] - shifts[j])) for v in offsets)
+        if moved != two[(i, j)]:
+            return False
+    return True
