@@ -229,7 +229,7 @@ def structure_to_crystal(
     orbit_sites: dict[int, list[np.ndarray]] = {}
     orbit_elements: dict[int, str] = {}
     for std_index, p in enumerate(dataset.std_mapping_to_primitive):
-        representative = int(dataset.equivalent_atoms[primitive_to_input[int(p)]])
+        representative = int(dataset.crystallographic_orbits[primitive_to_input[int(p)]])
         orbit_sites.setdefault(representative, []).append(dataset.std_positions[std_index])
         orbit_elements[representative] = ELEMENTS[int(dataset.std_types[std_index]) - 1]
 
