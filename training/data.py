@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,22 +26,14 @@ import datasets.distributed
 import numpy as np
 import torch
 
+from crystal_tokenizers import CRYSTAL_SYSTEMS
 from crystal_tokenizers.errors import CrystalEncodeError, InvalidStructureError, SymmetryAnalysisError
 from hub_cards import DatasetCardInfo, render_dataset_card
 
 logger = logging.getLogger(__name__)
 
 REPRESENTATIONS: tuple[str, ...] = ("wyckoff", "slices-plus")
-CRYSTAL_SYSTEMS: tuple[str, ...] = (
-    "cubic",
-    "hexagonal",
-    "trigonal",
-    "tetragonal",
-    "orthorhombic",
-    "monoclinic",
-    "triclinic",
-)
-"""Crystal systems in the numbering of the shared data files (0 cubic ... 6 triclinic)."""
+_STRUCTURAL_CONDITIONS: frozenset[str] = frozenset({"crystal_system", "space_group", "elements", "composition"})
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 ENCODE_SYMPREC = 0.01
 """spglib tolerance (Å) for the space-group label of a training structure (the encoding default)."""
@@ -196,25 +189,21 @@ class EncodeOptions:
     symprec: float = ENCODE_SYMPREC
 
 
-def _text_condition_kwargs(
-    names: Sequence[str], structure: Any, crystal_system: str, space_group: int, properties: Mapping[str, float | None]
-) -> dict[str, Any]:
-    """Keyword conditions for ``tokenizer.structure_to_string`` from the structure and its row."""
+def _text_condition_kwargs(names: Sequence[str], properties: Mapping[str, float | None]) -> dict[str, Any]:
+    """Keyword conditions for ``tokenizer.structure_to_string``.
+
+    ``crystal_system``, ``space_group``, ``elements`` and ``composition`` are taken from the structure by
+    the tokenizer itself (``True``); ``stability`` uses the row's ``e_above_hull`` (eV/atom); any other
+    name is a numeric property of the row. Missing values are left out of the prefix.
+    """
     kwargs: dict[str, Any] = {}
     numeric: dict[str, float] = {}
     for name in names:
-        if name == "crystal_system":
-            kwargs["crystal_system"] = crystal_system
-        elif name == "space_group":
-            kwargs["space_group"] = space_group
-        elif name == "elements":
-            kwargs["elements"] = sorted({el.symbol for el in structure.composition.elements})
-        elif name == "composition":
-            kwargs["composition"] = {el.symbol: int(round(n)) for el, n in structure.composition.items()}
+        if name in _STRUCTURAL_CONDITIONS:
+            kwargs[name] = True
         elif name == "stability":
-            value = properties.get("e_above_hull")
-            if value is not None:
-                kwargs["e_above_hull"] = float(value)
+            if properties.get("e_above_hull") is not None:
+                kwargs["e_above_hull"] = float(properties["e_above_hull"])
         elif properties.get(name) is not None:
             numeric[name] = float(properties[name])
     if numeric:
@@ -238,7 +227,9 @@ def encode_row(cif: str, properties: Mapping[str, float | None], tokenizer: Any,
     }
     try:
         try:
-            structure = Structure.from_str(cif, fmt="cif")
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Issues encountered while parsing CIF")
+                structure = Structure.from_str(cif, fmt="cif")
         except Exception as err:  # noqa: BLE001 - pymatgen's CIF parser raises many unrelated types
             raise InvalidStructureError(f"CIF could not be parsed: {type(err).__name__}: {err}") from err
         row["formula"] = structure.composition.reduced_formula
@@ -249,9 +240,7 @@ def encode_row(cif: str, properties: Mapping[str, float | None], tokenizer: Any,
             row["crystal_system"] = analyzer.get_crystal_system()
         except Exception as err:  # noqa: BLE001 - spglib failures surface as several exception types
             raise SymmetryAnalysisError(f"spglib failed at symprec {options.symprec}: {err}") from err
-        conditions = _text_condition_kwargs(
-            options.text_conditions, structure, row["crystal_system"], row["space_group"], properties
-        )
+        conditions = _text_condition_kwargs(options.text_conditions, properties)
         row[TEXT_COLUMN] = tokenizer.structure_to_string(structure, **conditions)
     except CrystalEncodeError as err:
         row["error_type"] = type(err).__name__
@@ -529,6 +518,7 @@ class CrystalCollator:
     ``property_names`` add the conditioning tensors of models that take conditions as inputs
     (MatterGPT): ``crystal_system`` (LongTensor, numbering of :data:`CRYSTAL_SYSTEMS`), ``properties``
     (FloatTensor, missing values 0) and ``property_mask`` (1 where a property is given).
+    ``model_inputs`` drops what the model does not take (e.g. ``numeric_values`` for a plain GPT-2).
     """
 
     tokenizer: Any
@@ -536,6 +526,8 @@ class CrystalCollator:
     crystal_system: bool = False
     property_names: tuple[str, ...] = ()
     text_column: str = TEXT_COLUMN
+    model_inputs: frozenset[str] | None = None
+    """Keyword arguments the model's ``forward`` accepts; other keys are dropped (``None`` keeps all)."""
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Tokenize, pad and label one batch of rows."""
@@ -561,6 +553,8 @@ class CrystalCollator:
             mask = ~torch.isnan(values)
             batch["properties"] = torch.nan_to_num(values, nan=0.0)
             batch["property_mask"] = mask.float()
+        if self.model_inputs is not None:
+            batch = {k: v for k, v in batch.items() if k in self.model_inputs}
         return batch
 
 

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -232,6 +233,12 @@ def build_model(spec: ModelConfig, tokenizer: Any) -> torch.nn.Module:
         module = importlib.import_module(module_name)
         return getattr(module, model_name)(getattr(module, config_name)(**kwargs))
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.type, **kwargs))
+
+
+def forward_arguments(model: torch.nn.Module) -> frozenset[str]:
+    """Names of the explicit parameters of ``model.forward`` (a batch key not among them is dropped)."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return frozenset(p.name for p in inspect.signature(model.forward).parameters.values() if p.kind not in variadic)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -550,6 +557,7 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool 
         max_length=cfg.data.max_length,
         crystal_system=cfg.data.crystal_system_condition,
         property_names=tuple(cfg.data.property_conditions),
+        model_inputs=forward_arguments(model),
     )
     total_steps = _total_steps(cfg, train_set, accelerator.num_processes)
     optimizer = make_optimizer(model, cfg.optim)
