@@ -574,17 +574,13 @@ def evaluate_structures(
         for i in range(n)
     )
     histograms = _histograms(valid_structures, [groups[i] for i in valid])
-    reference_histograms = None
-    density_wdist = n_elements_wdist = None
+    reference_histograms, density_wdist, n_elements_wdist = None, None, None
     if reference is not None:
-        reference_groups = [spacegroup_number(s, symprec) for s in progress(reference_structures, desc="reference symmetry", total=len(reference_structures))]
-        reference_histograms = _histograms(reference_structures, reference_groups)
-        density_wdist = _wasserstein([s.density for s in valid_structures], [s.density for s in reference_structures])
-        n_elements_wdist = _wasserstein(
-            [len(s.composition) for s in valid_structures], [len(s.composition) for s in reference_structures]
+        reference_histograms, density_wdist, n_elements_wdist = _reference_statistics(
+            valid_structures, reference_structures, symprec, progress
         )
+    lap("reference_statistics")
     unique_count = sum(duplicates[i] is None for i in valid)
-    lap("report")
     return EvaluationReport(
         n=n,
         n_parsed=len(parsed),
@@ -622,6 +618,16 @@ def evaluate_structures(
 
 def _remap(local: Sequence[int | None], indices: Sequence[int]) -> list[int | None]:
     return [None if j is None else indices[j] for j in local]
+
+
+def _reference_statistics(
+    valid_structures: Sequence[Structure], reference: Sequence[Structure], symprec: float, progress: ProgressFn
+) -> tuple[dict[str, dict[str, int]], float | None, float | None]:
+    """Reference histograms and Wasserstein distances of density (g/cm³) and of the number of elements."""
+    groups = [spacegroup_number(s, symprec) for s in progress(reference, desc="reference symmetry", total=len(reference))]
+    density = _wasserstein([s.density for s in valid_structures], [s.density for s in reference])
+    n_elements = _wasserstein([len(s.composition) for s in valid_structures], [len(s.composition) for s in reference])
+    return _histograms(reference, groups), density, n_elements
 
 
 def _histograms(structures: Sequence[Structure], groups: Sequence[int | None]) -> dict[str, dict[str, int]]:
@@ -735,7 +741,7 @@ def _plot_histogram(plt: Any, counts: Mapping[str, int], reference: Mapping[str,
         ax.legend()
     ax.set_xticks(x, keys, rotation=90, fontsize=6 if len(keys) > 30 else 8)
     ax.set_xlabel(label)
-    ax.set_ylabel("fraction of structures")
+    ax.set_ylabel("share of all counts")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
