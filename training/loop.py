@@ -49,9 +49,11 @@ TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 _TMP_PREFIX = ".tmp-"
 SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
-MODEL_TYPES: dict[str, tuple[str, str, str]] = {
-    "wyckoff-gpt": ("modeling", "WyckoffGPTConfig", "WyckoffGPTForCausalLM"),
-    "mattergpt": ("modeling", "MatterGPTConfig", "MatterGPTForCausalLM"),
+MODEL_TYPES: dict[str, tuple[str, str, str, str]] = {
+    "wyckoff-gpt": (
+        "modeling.configuration_wyckoff_gpt", "WyckoffGPTConfig", "modeling.modeling_wyckoff_gpt", "WyckoffGPTForCausalLM"
+    ),
+    "mattergpt": ("modeling.configuration_mattergpt", "MatterGPTConfig", "modeling.modeling_mattergpt", "MatterGPTForCausalLM"),
 }
 """Model types of crystal-lm; any other ``model.type`` is looked up in transformers' ``AutoConfig``."""
 
@@ -215,24 +217,49 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_model(spec: ModelConfig, tokenizer: Any) -> torch.nn.Module:
-    """A fresh model sized to ``tokenizer`` (or the saved one at ``spec.pretrained``)."""
+def build_model(spec: ModelConfig, tokenizer: Any, extra_config: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """A fresh model sized to ``tokenizer`` (or the saved one at ``spec.pretrained``).
+
+    A config class with ``from_tokenizer`` (WyckoffGPT) reads the vocabulary and numeric token ids from
+    the tokenizer; ``extra_config`` (e.g. property statistics from the data) fills keys the YAML leaves out.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.pretrained:
         return AutoModelForCausalLM.from_pretrained(spec.pretrained, trust_remote_code=True)
-    kwargs = {
+    kwargs = {**(extra_config or {}), **spec.config}
+    if spec.type in MODEL_TYPES:
+        config_module, config_name, model_module, model_name = MODEL_TYPES[spec.type]
+        config_cls = getattr(importlib.import_module(config_module), config_name)
+        model_cls = getattr(importlib.import_module(model_module), model_name)
+        if hasattr(config_cls, "from_tokenizer"):
+            return model_cls(config_cls.from_tokenizer(tokenizer, **kwargs))
+        return model_cls(config_cls(**_tokenizer_sizes(tokenizer), **kwargs))
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.type, **_tokenizer_sizes(tokenizer), **kwargs))
+
+
+def _tokenizer_sizes(tokenizer: Any) -> dict[str, Any]:
+    return {
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
-        **spec.config,
     }
-    if spec.type in MODEL_TYPES:
-        module_name, config_name, model_name = MODEL_TYPES[spec.type]
-        module = importlib.import_module(module_name)
-        return getattr(module, model_name)(getattr(module, config_name)(**kwargs))
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.type, **kwargs))
+
+
+def property_statistics(dataset: Any, names: Sequence[str]) -> dict[str, list[Any]]:
+    """``property_names`` / ``property_means`` / ``property_stds`` of ``names`` over a map-style split (data units)."""
+    if not names or isinstance(dataset, datasets.IterableDataset):
+        return {}
+    rows = dataset["properties"]
+    means, stds = [], []
+    for name in names:
+        values = torch.tensor([r[name] for r in rows if r.get(name) is not None], dtype=torch.float64)
+        if len(values) < 2:
+            raise TrainingConfigError(f"property {name!r} has fewer than two values in the training split")
+        means.append(float(values.mean()))
+        stds.append(max(float(values.std()), 1e-6))
+    return {"property_names": list(names), "property_means": means, "property_stds": stds}
 
 
 def forward_arguments(model: torch.nn.Module) -> frozenset[str]:
@@ -419,6 +446,8 @@ class TrainResult:
     best_eval_loss: float | None
     stopped_early: bool
     metrics: dict[str, float]
+    model: torch.nn.Module
+    """The trained model, unwrapped from Accelerate (on every rank)."""
 
 
 class _BatchStream:
@@ -549,8 +578,9 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool 
     )
     set_seed(cfg.seed)
     tokenizer = tokenizer if tokenizer is not None else make_tokenizer(cfg.tokenizer.representation, cfg.tokenizer.pretrained)
-    model = model if model is not None else build_model(cfg.model, tokenizer)
     train_set = load_split(cfg.data.path, cfg.data.train_split, streaming=cfg.data.streaming)
+    if model is None:
+        model = build_model(cfg.model, tokenizer, property_statistics(train_set, cfg.data.property_conditions))
     eval_set = load_split(cfg.data.path, cfg.data.eval_split, streaming=cfg.data.streaming) if cfg.data.eval_split else None
     collator = CrystalCollator(
         tokenizer,
@@ -636,6 +666,7 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool 
         best_eval_loss=state.best_eval_loss,
         stopped_early=state.stopped_early,
         metrics=last,
+        model=accelerator.unwrap_model(model),
     )
 
 
