@@ -5,7 +5,9 @@ A CSV may carry per-structure targets: column ``spacegroup`` (declared space-gro
 space-group consistency) and column ``crystal_system`` (a name or the label 0 cubic ... 6 triclinic, judged
 as crystal-system hit rate); ``--spacegroup-column`` / ``--crystal-system-column`` rename them.
 ``--targets`` is a JSON file mapping target names to one value or one value per structure, e.g.
-``{"crystal_system": "cubic", "bulk_modulus_gpa": 200}``; JSON targets override CSV columns.
+``{"crystal_system": "cubic", "bulk_modulus_gpa": 200}``; JSON targets override CSV columns. A property
+target is judged by ``--predictor NAME=MODEL_DIR`` (a saved sequence-classification/regression model and
+its tokenizer, see ``training.predictors``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from training.evaluate import (
     SPACEGROUP_KEY,
     SYMPREC_JUDGE_A,
     EvaluationReport,
+    PropertyPredictor,
     chgnet_energy_per_atom,
     evaluate_structures,
     read_structures,
@@ -60,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cif-column", default="cif", help="CSV column holding CIF text (default: cif)")
     parser.add_argument("--spacegroup-column", default=SPACEGROUP_KEY, help="CSV column of declared space groups")
     parser.add_argument("--crystal-system-column", default=CRYSTAL_SYSTEM_KEY, help="CSV column of target crystal systems")
+    parser.add_argument(
+        "--predictor", action="append", default=[], metavar="NAME=MODEL_DIR", help="property predictor (repeatable)"
+    )
     parser.add_argument("--energy", action="store_true", help="CHGNet energies and energy above the reference hull")
     parser.add_argument("--min-distance", type=float, default=MIN_DISTANCE_A, help="structural-validity cut-off in Å")
     parser.add_argument("--symprec", type=float, default=SYMPREC_JUDGE_A, help="spglib tolerance in Å for judging")
@@ -73,6 +79,18 @@ def _targets(args: argparse.Namespace, columns: dict[str, tuple[Any, ...]]) -> d
     if args.targets is not None:
         targets.update(json.loads(args.targets.read_text()))
     return targets
+
+
+def _predictors(specs: list[str]) -> dict[str, PropertyPredictor]:
+    predictors: dict[str, PropertyPredictor] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--predictor {spec!r}: expected NAME=MODEL_DIR")
+        from training.predictors import load_predictor
+
+        predictors[name] = load_predictor(path)
+    return predictors
 
 
 def _summary(report: EvaluationReport) -> dict[str, Any]:
@@ -95,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         targets=_targets(args, dict(generated.columns)),
         ids=generated.ids,
         parse_errors=generated.errors,
+        predictors=_predictors(args.predictor),
         energy_model=chgnet_energy_per_atom if args.energy else None,
         min_distance=args.min_distance,
         symprec=args.symprec,
