@@ -41,7 +41,8 @@ def _naive_pairs_seconds(generated: list, reference: list, rows: int) -> tuple[f
 def _cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        lines = cpuinfo.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         if names:
             return names[0]
     return platform.processor() or platform.machine()
@@ -89,7 +90,9 @@ def main() -> None:
     print(f"machine: {_cpu_name()}, {cores} cores available, "
           f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     print(f"data: {report.n} generated (MP-20 train rows 0-{args.n - 1}), {len(reference_structures)} reference rows")
-    print(f"metrics: {({k: round(v, 4) if isinstance(v, float) else v for k, v in report.to_dict().items() if k in ('structural_validity', 'compositional_validity', 'uniqueness', 'novelty', 'spg_consistency')})}")
+    summary = report.to_dict()
+    keys = ("structural_validity", "compositional_validity", "uniqueness", "novelty", "spg_consistency")
+    print("metrics: " + ", ".join(f"{k} {summary[k]:.4f}" for k in keys))
     if report.energy:
         print(f"energy: {report.energy}")
     print()

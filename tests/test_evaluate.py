@@ -194,6 +194,8 @@ def test_energy_above_hull_from_a_reference_hull() -> None:
     assert hull == pytest.approx([0.5, 0.1])
     no_terminal = energies_above_hull([rock_salt()], np.array([-1.0]), [rock_salt()], np.array([-2.0]))
     assert np.isnan(no_terminal[0])
+    only_sodium = energies_above_hull([rock_salt()], np.array([-1.0]), [na], np.array([0.0]))
+    assert np.isnan(only_sodium[0])
 
 
 def test_energy_metrics_with_an_energy_model() -> None:
@@ -265,7 +267,9 @@ def test_cli_json_contract(sample: pd.DataFrame, tmp_path: Path, capsys: pytest.
     assert (tmp_path / "o" / "summary.md").exists()
 
 
-def test_cli_json_without_reference_or_groups(sample: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_json_without_reference_or_groups(
+    sample: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "cifs"
     folder.mkdir()
     for material_id, cif in zip(sample.material_id[:3], sample.cif[:3], strict=True):

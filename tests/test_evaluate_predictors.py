@@ -38,7 +38,9 @@ def tiny_model(tokenizer: WyckoffTokenizer, num_labels: int) -> GPT2ForSequenceC
     return GPT2ForSequenceClassification(config).eval()
 
 
-def test_regression_predictor_matches_the_model_one_by_one(tokenizer: WyckoffTokenizer, crystals: list[Structure]) -> None:
+def test_regression_predictor_matches_the_model_one_by_one(
+    tokenizer: WyckoffTokenizer, crystals: list[Structure]
+) -> None:
     model = tiny_model(tokenizer, num_labels=1)
     predict = make_predictor(model, tokenizer, standardization=Standardization(mean=1.0, std=2.0), batch_size=4)
     values = predict(crystals)
@@ -55,7 +57,9 @@ def test_unencodable_structures_get_nan(tokenizer: WyckoffTokenizer, crystals: l
     assert np.isfinite(values[0]) and np.isnan(values[1])
 
 
-def test_classification_predictor_gives_class_ids_or_probabilities(tokenizer: WyckoffTokenizer, crystals: list[Structure]) -> None:
+def test_classification_predictor_gives_class_ids_or_probabilities(
+    tokenizer: WyckoffTokenizer, crystals: list[Structure]
+) -> None:
     model = tiny_model(tokenizer, num_labels=3)
     model.config.id2label = {0: "cubic", 1: "hexagonal", 2: "trigonal"}
     model.config.label2id = {v: k for k, v in model.config.id2label.items()}

@@ -354,11 +354,14 @@ def energies_above_hull(
     return result
 
 
-def _phase_diagram(system: frozenset[str], by_system: Mapping[frozenset[str], list[ComputedEntry]]) -> PhaseDiagram | None:
+def _phase_diagram(
+    system: frozenset[str], by_system: Mapping[frozenset[str], list[ComputedEntry]]
+) -> PhaseDiagram | None:
+    """Hull of a chemical system from the entries of all its subsystems; None without every terminal entry."""
     subsystems = (frozenset(c) for k in range(1, len(system) + 1) for c in itertools.combinations(sorted(system), k))
     entries = [entry for sub in subsystems for entry in by_system.get(sub, ())]
     try:
-        return PhaseDiagram(entries)
+        return PhaseDiagram(entries, elements=[Element(symbol) for symbol in sorted(system)])
     except ValueError as err:  # missing terminal (elemental) entries
         logger.debug("no hull for %s: %s", "-".join(sorted(system)), err)
         return None
@@ -369,7 +372,9 @@ def _reference_energies_in_systems(
 ) -> np.ndarray:
     """Energies of only the reference structures that can enter one of the generated chemical systems."""
     systems = {frozenset(el.symbol for el in s.composition.elements) for s in structures}
-    needed = [i for i, ref in enumerate(reference) if any({el.symbol for el in ref.composition.elements} <= s for s in systems)]
+    needed = [
+        i for i, ref in enumerate(reference) if any({el.symbol for el in ref.composition.elements} <= s for s in systems)
+    ]
     energies = np.full(len(reference), np.nan)
     if needed:
         energies[needed] = energy_model([reference[i] for i in needed])
@@ -465,9 +470,8 @@ def _per_structure(value: Any, n: int, name: str) -> list[Any]:
     return values
 
 
-def _symmetry_targets(
-    targets: Mapping[str, Any], n: int
-) -> tuple[list[int | None], list[str | None]]:
+def _symmetry_targets(targets: Mapping[str, Any], n: int) -> tuple[list[int | None], list[str | None]]:
+    """Declared space-group numbers and target crystal-system names per structure (None: no target)."""
     declared = [
         None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
         for v in _per_structure(targets.get(SPACEGROUP_KEY), n, SPACEGROUP_KEY)
@@ -506,7 +510,7 @@ def evaluate_structures(
     matcher = matcher or StructureMatcher()
     n = len(structures)
     ids = [str(i) for i in range(n)] if ids is None else list(ids)
-    errors = list(parse_errors) if parse_errors is not None else [None if s is not None else "ParseError" for s in structures]
+    errors = [None if s is not None else "ParseError" for s in structures] if parse_errors is None else list(parse_errors)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -517,15 +521,12 @@ def evaluate_structures(
         clock = now
 
     parsed = [i for i, s in enumerate(structures) if s is not None]
-    structural = {i: is_structurally_valid(structures[i], min_distance) for i in progress(parsed, desc="distances", total=len(parsed))}
+    structural = {
+        i: is_structurally_valid(structures[i], min_distance)
+        for i in progress(parsed, desc="distances", total=len(parsed))
+    }
     lap("structural_validity")
-    comp_cache: dict[str, bool] = {}
-    compositional: dict[int, bool] = {}
-    for i in parsed:
-        key = structures[i].composition.element_composition.formula
-        if key not in comp_cache:
-            comp_cache[key] = is_compositionally_valid(structures[i].composition, oxidation_states_set)
-        compositional[i] = comp_cache[key]
+    compositional = _compositional_validities({i: structures[i].composition for i in parsed}, oxidation_states_set)
     lap("compositional_validity")
 
     valid = [i for i in parsed if structural[i] and compositional[i]]
@@ -548,7 +549,7 @@ def evaluate_structures(
     predicted, property_targets, properties = _property_metrics(valid_structures, valid, targets, predictors, n)
     lap("properties")
     energies, hull, energy_summary = _energy_metrics(
-        valid_structures, valid, reference_structures, energy_model, duplicates, novel, n
+        valid_structures, valid, reference_structures, energy_model, duplicates, novel
     )
     lap("energy")
 
@@ -591,7 +592,7 @@ def evaluate_structures(
         uniqueness=_fraction(unique_count, len(valid)),
         novelty=_fraction(sum(novel.values()), len(valid)) if reference is not None else None,
         unique_novel=(
-            _fraction(sum(novel[i] and duplicates[i] is None for i in valid), len(valid)) if reference is not None else None
+            None if reference is None else _fraction(sum(novel[i] and duplicates[i] is None for i in valid), len(valid))
         ),
         spg_consistency=_fraction(sum(groups[i] == declared[i] for i in with_group), len(with_group)),
         crystal_system_hit_rate=_fraction(sum(systems[i] == target_systems[i] for i in with_system), len(with_system)),
@@ -616,6 +617,16 @@ def evaluate_structures(
     )
 
 
+def _compositional_validities(compositions: Mapping[int, Composition], oxidation_states_set: str) -> dict[int, bool]:
+    """SMACT validity per index, each distinct composition checked once."""
+    by_formula: dict[str, bool] = {}
+    for composition in compositions.values():
+        formula = composition.element_composition.formula
+        if formula not in by_formula:
+            by_formula[formula] = is_compositionally_valid(composition, oxidation_states_set)
+    return {i: by_formula[c.element_composition.formula] for i, c in compositions.items()}
+
+
 def _remap(local: Sequence[int | None], indices: Sequence[int]) -> list[int | None]:
     return [None if j is None else indices[j] for j in local]
 
@@ -624,7 +635,9 @@ def _reference_statistics(
     valid_structures: Sequence[Structure], reference: Sequence[Structure], symprec: float, progress: ProgressFn
 ) -> tuple[dict[str, dict[str, int]], float | None, float | None]:
     """Reference histograms and Wasserstein distances of density (g/cm³) and of the number of elements."""
-    groups = [spacegroup_number(s, symprec) for s in progress(reference, desc="reference symmetry", total=len(reference))]
+    groups = [
+        spacegroup_number(s, symprec) for s in progress(reference, desc="reference symmetry", total=len(reference))
+    ]
     density = _wasserstein([s.density for s in valid_structures], [s.density for s in reference])
     n_elements = _wasserstein([len(s.composition) for s in valid_structures], [len(s.composition) for s in reference])
     return _histograms(reference, groups), density, n_elements
@@ -634,7 +647,9 @@ def _histograms(structures: Sequence[Structure], groups: Sequence[int | None]) -
     return {
         "element": element_histogram(structures),
         "spacegroup": _ordered_histogram(groups, range(1, 231)),
-        "crystal_system": _ordered_histogram((None if g is None else crystal_system_of(g) for g in groups), CRYSTAL_SYSTEMS),
+        "crystal_system": _ordered_histogram(
+            (None if g is None else crystal_system_of(g) for g in groups), CRYSTAL_SYSTEMS
+        ),
     }
 
 
@@ -675,8 +690,8 @@ def _energy_metrics(
     energy_model: EnergyModel | None,
     duplicates: Mapping[int, int | None],
     novel: Mapping[int, bool],
-    n: int,
 ) -> tuple[dict[int, float], dict[int, float], dict[str, float | int | None] | None]:
+    """Energies (eV/atom), energies above the reference hull (eV/atom) and their summary, by index."""
     if energy_model is None or not valid_structures:
         return {}, {}, None
     energies = np.asarray(energy_model(valid_structures), dtype=float)
@@ -728,7 +743,10 @@ def write_report(report: EvaluationReport, out_dir: str | Path) -> list[Path]:
     return written + [p for _, p in figures] + [summary]
 
 
-def _plot_histogram(plt: Any, counts: Mapping[str, int], reference: Mapping[str, int] | None, label: str, path: Path) -> None:
+def _plot_histogram(
+    plt: Any, counts: Mapping[str, int], reference: Mapping[str, int] | None, label: str, path: Path
+) -> None:
+    """Bar chart of shares, generated beside reference when given."""
     keys = list(counts) if reference is None else _merged_keys(counts, reference)
     x = np.arange(len(keys))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(keys) + 2), 3.5))
@@ -834,7 +852,8 @@ def _markdown(report: EvaluationReport, figures: Sequence[tuple[str, Path]]) -> 
         "",
         f"Settings: distance cut-off {settings['min_distance_a']} Å, spglib symprec {settings['symprec_a']} Å, "
         f"SMACT oxidation states {settings['oxidation_states_set']}, StructureMatcher {settings['matcher']}.",
-        "Uniqueness, novelty and symmetry metrics are fractions of the valid samples; validities are fractions of all inputs.",
+        "Uniqueness, novelty and symmetry metrics are fractions of the valid samples; "
+        "validities are fractions of all inputs.",
         "",
     ]
     for caption, path in figures:

@@ -62,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object with the metrics on the last line")
     parser.add_argument("--cif-column", default="cif", help="CSV column holding CIF text (default: cif)")
     parser.add_argument("--spacegroup-column", default=SPACEGROUP_KEY, help="CSV column of declared space groups")
-    parser.add_argument("--crystal-system-column", default=CRYSTAL_SYSTEM_KEY, help="CSV column of target crystal systems")
+    parser.add_argument(
+        "--crystal-system-column", default=CRYSTAL_SYSTEM_KEY, help="CSV column of target crystal systems"
+    )
     parser.add_argument(
         "--predictor", action="append", default=[], metavar="NAME=MODEL_DIR", help="property predictor (repeatable)"
     )
