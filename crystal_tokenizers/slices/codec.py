@@ -60,7 +60,9 @@ _CODE_VALUES = np.array([float(TRANSLATION_CODES[c]) for c in _CODES])
 
 _JOINED_LABELS = re.compile(r"^[-o+]{3}$")
 _INDEX = re.compile(r"^\d+$")
-_ELEMENTS = frozenset(e.symbol for e in Element)
+ELEMENT_SYMBOLS: tuple[str, ...] = tuple(Element.from_Z(z).symbol for z in range(1, 104))
+"""Node species of the vocabulary: H to Lr (Z = 1-103)."""
+_ELEMENTS = frozenset(ELEMENT_SYMBOLS)
 
 
 @dataclass(frozen=True)

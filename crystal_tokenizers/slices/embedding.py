@@ -41,6 +41,8 @@ _FALLBACK_RADIUS = 1.5  # Å, for elements without a tabulated covalent radius
 _IMAGES = np.array(list(product((-1, 0, 1), repeat=3)), dtype=float)  # 27 neighbouring cells
 _ZERO_IMAGE = 13  # index of (0, 0, 0) in _IMAGES
 _COLLISION = 1e-3  # fractional distance below which two barycentric nodes coincide
+_SMALLEST_ANGLE_DEG = {2: 120.0, 3: 120.0, 4: 109.47, 5: 90.0, 6: 90.0, 7: 72.0, 8: 70.53, 9: 66.0, 10: 64.0}
+"""Smallest bond angle of the ideal coordination polyhedron by coordination number (60° beyond)."""
 _MAX_AUTOMORPHISM_STEPS = 2_000
 
 
@@ -48,11 +50,15 @@ _MAX_AUTOMORPHISM_STEPS = 2_000
 class EmbeddingParams:
     """Weights and limits of the embedding (lengths in Å, time in s)."""
 
-    repulsion_factor: float = 1.3
-    """Non-bonded pairs are pushed apart to this multiple of their would-be bond length."""
+    repulsion_factor: float = 1.25
+    """Non-bonded atoms are pushed apart to this multiple of the longer of their shortest bonds."""
     repulsion_weight: float = 1.0
     pressure_weight: float = 0.02
     """Weight of the volume term (volume relative to the sum of covalent-sphere volumes)."""
+    angle_weight: float = 1.0
+    """Weight of the one-sided term keeping two neighbours of an atom at least the polyhedron's angle apart."""
+    angle_slack: float = 0.9
+    """Fraction of the ideal polyhedron's smallest bond angle that neighbour pairs must keep."""
     max_iterations: int = 400
     time_limit_s: float = 10.0
     seed: int = 0
@@ -71,6 +77,38 @@ def bond_targets(species: Sequence[str], pairs: np.ndarray) -> np.ndarray:
     """Target bond lengths (Å) of node pairs ``pairs[:, 0]``–``pairs[:, 1]``: covalent-radius sums."""
     radii = np.array([covalent_radius(s) for s in species])
     return radii[pairs[:, 0]] + radii[pairs[:, 1]]
+
+
+def neighbour_pairs(graph: CrystalGraph, slack: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs of neighbours of a common atom: node pairs, offsets and minimum distances (Å).
+
+    Two neighbours ``(n1, o1)`` and ``(n2, o2)`` of one atom are the pair ``n1 -> n2`` with offset
+    ``o2 - o1``; their minimum distance follows from the two bond targets and the smallest angle of the
+    ideal polyhedron of the atom's coordination number (times ``slack``), by the law of cosines.
+    """
+    ends: list[list[tuple[int, tuple[int, int, int]]]] = [[] for _ in range(graph.num_nodes)]
+    for i, j, a, b, c in graph.edges:
+        ends[i].append((j, (a, b, c)))
+        ends[j].append((i, (-a, -b, -c)))
+    bonds = set(graph.edges)
+    radii = np.array([covalent_radius(s) for s in graph.species])
+    pairs, offsets, minima = [], [], []
+    for centre, neighbours in enumerate(ends):
+        angle = np.deg2rad(slack * _SMALLEST_ANGLE_DEG.get(len(neighbours), 60.0))
+        for k, (n1, o1) in enumerate(neighbours):
+            for n2, o2 in neighbours[k + 1 :]:
+                offset = tuple(np.subtract(o2, o1).tolist())
+                if orient_edge((n1, n2, *offset)) in bonds or (n1 == n2 and offset == (0, 0, 0)):
+                    continue
+                r1, r2 = radii[centre] + radii[n1], radii[centre] + radii[n2]
+                pairs.append((n1, n2))
+                offsets.append(offset)
+                minima.append(np.sqrt(r1**2 + r2**2 - 2 * r1 * r2 * np.cos(angle)))
+    return (
+        np.array(pairs, dtype=int).reshape(-1, 2),
+        np.array(offsets, dtype=float).reshape(-1, 3),
+        np.array(minima, dtype=float),
+    )
 
 
 def _edge_arrays(graph: CrystalGraph) -> tuple[np.ndarray, np.ndarray]:
@@ -172,12 +210,16 @@ class _Objective:
         self.pi, self.pj = iu, ju
         self.pair_index = np.full((n, n), -1)
         self.pair_index[iu, ju] = np.arange(len(iu))
-        self.rmin = params.repulsion_factor * bond_targets(graph.species, np.column_stack([iu, ju]))
+        shortest = np.full(n, np.inf)
+        np.minimum.at(shortest, self.pairs[:, 0], self.targets)
+        np.minimum.at(shortest, self.pairs[:, 1], self.targets)
+        self.rmin = params.repulsion_factor * np.maximum(shortest[iu], shortest[ju])
         self.exclude = np.zeros((len(iu), len(_IMAGES)), dtype=bool)
         self.exclude[iu == ju, _ZERO_IMAGE] = True
         radii = np.array([covalent_radius(s) for s in graph.species])
         self.volume0 = float(np.sum(4.0 / 3.0 * np.pi * radii**3))
         self.loops = self.pairs[:, 0] == self.pairs[:, 1]
+        self.angle_pairs, self.angle_offsets, self.angle_minima = neighbour_pairs(graph, params.angle_slack)
 
     @staticmethod
     def lattice(x: np.ndarray) -> np.ndarray:
@@ -213,6 +255,19 @@ class _Objective:
         resid = (length - self.targets) / self.targets
         energy = float(np.sum(resid**2))
         g_cart = (2 * resid / self.targets / length)[:, None] * cart
+        # neighbours of one atom kept apart (bond angles)
+        ai, aj = self.angle_pairs[:, 0], self.angle_pairs[:, 1]
+        adelta = frac[aj] - frac[ai] + self.angle_offsets
+        acart = adelta @ lat
+        alen = np.linalg.norm(acart, axis=1) + 1e-12
+        ashort = np.maximum(self.angle_minima - alen, 0.0) / self.angle_minima
+        wa = self.params.angle_weight
+        energy += wa * float(np.sum(ashort**2))
+        g_acart = (-2 * wa * ashort / self.angle_minima / alen)[:, None] * acart
+        grad_lat += adelta.T @ g_acart
+        g_adelta = g_acart @ lat.T
+        np.add.at(grad_frac, aj, g_adelta)
+        np.add.at(grad_frac, ai, -g_adelta)
         # repulsion between non-bonded image pairs
         base = frac[self.pj] - frac[self.pi]
         base -= np.round(base)

@@ -23,6 +23,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import networkx as nx
 import numpy as np
 from pymatgen.analysis.graphs import StructureGraph
 from pymatgen.analysis.local_env import (
@@ -235,3 +236,59 @@ def same_graph_up_to_gauge(first: CrystalGraph, second: CrystalGraph) -> bool:
         if moved != two[(i, j)]:
             return False
     return True
+
+
+_MAX_ISOMORPHISMS = 2_000
+
+
+def graphs_match(first: CrystalGraph, second: CrystalGraph) -> bool:
+    """Whether two crystal graphs are equal up to node relabelling and whole-node lattice shifts.
+
+    Tries the identity labelling first (a decoded crystal keeps the string's node order), then up to
+    ``_MAX_ISOMORPHISMS`` relabellings of the offset-blind multigraph (networkx VF2).
+    """
+    if sorted(first.species) != sorted(second.species) or len(first.edges) != len(second.edges):
+        return False
+    if first.species == second.species and same_graph_up_to_gauge(first, second):
+        return True
+    matcher = nx.algorithms.isomorphism.GraphMatcher(
+        _plain_graph(first),
+        _plain_graph(second),
+        node_match=lambda a, b: a["label"] == b["label"],
+        edge_match=lambda a, b: a["count"] == b["count"],
+    )
+    for count, mapping in enumerate(matcher.isomorphisms_iter()):
+        if count >= _MAX_ISOMORPHISMS:
+            logger.warning("graph comparison gave up after %d relabellings", _MAX_ISOMORPHISMS)
+            break
+        order = [0] * first.num_nodes
+        for node_first, node_second in mapping.items():
+            order[node_first] = node_second
+        if same_graph_up_to_gauge(first, second.permuted(order)):
+            return True
+    return False
+
+
+def _plain_graph(graph: CrystalGraph) -> nx.Graph:
+    """Simple graph with species (and loop offsets) on nodes and gauge-invariant bond patterns on edges.
+
+    The pattern of a node pair is its set of offsets relative to the smallest, for either orientation
+    (whichever sorts first), which lattice shifts of whole nodes leave unchanged.
+    """
+    loops: dict[int, list[tuple[int, ...]]] = {}
+    offsets: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for i, j, a, b, c in graph.edges:
+        if i == j:
+            loops.setdefault(i, []).append((a, b, c))
+        else:
+            offsets.setdefault((i, j), []).append((a, b, c))
+    plain = nx.Graph()
+    plain.add_nodes_from((k, {"label": (s, tuple(sorted(loops.get(k, []))))}) for k, s in enumerate(graph.species))
+    for (i, j), vectors in offsets.items():
+        plain.add_edge(i, j, count=min(_pattern(vectors), _pattern([tuple(-x for x in v) for v in vectors])))
+    return plain
+
+
+def _pattern(vectors: Sequence[tuple[int, ...]]) -> tuple[tuple[int, ...], ...]:
+    ordered = sorted(vectors)
+    return tuple(tuple(int(x) for x in np.subtract(v, ordered[0])) for v in ordered)

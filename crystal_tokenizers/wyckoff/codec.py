@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -66,7 +67,8 @@ _FIXED_ANGLES = {  # angles (alpha, beta, gamma) that are not free in each cryst
 }
 _COORDINATE_MATCH_TOLERANCE = 0.02
 """Largest fractional mismatch accepted when placing a standardised atom on its Wyckoff representative."""
-_DEDUP_DECIMALS = 4
+_SAME_SITE_TOLERANCE = 1e-4
+"""Fractional distance below which two images of a representative are the same site."""
 
 
 @dataclass(frozen=True)
@@ -148,18 +150,20 @@ def _analyse(structure: Structure, symprec: float, angle_tolerance: float):
              for site in structure])
     table = load_orbit_table()
     try:
-        dataset = spglib.get_symmetry_dataset(cell, symprec=symprec, angle_tolerance=angle_tolerance)
-        if dataset is not None and dataset.hall_number != table.hall_numbers[dataset.number]:
-            # pyxtal's setting (origin choice 2) differs from spglib's default for 24 groups.
-            dataset = spglib.get_symmetry_dataset(
-                cell, symprec=symprec, angle_tolerance=angle_tolerance,
-                hall_number=table.hall_numbers[dataset.number],
-            )
+        with warnings.catch_warnings():  # spglib 2.x warns about its legacy None-on-failure mode
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dataset = spglib.get_symmetry_dataset(cell, symprec=symprec, angle_tolerance=angle_tolerance)
+            if dataset is not None and dataset.hall_number != table.hall_numbers[dataset.number]:
+                # pyxtal's setting (origin choice 2) differs from spglib's default for 24 groups.
+                dataset = spglib.get_symmetry_dataset(
+                    cell, symprec=symprec, angle_tolerance=angle_tolerance,
+                    hall_number=table.hall_numbers[dataset.number],
+                )
     except Exception as err:  # spglib raises SpglibError in some versions, returns None in others
-        raise SymmetryAnalysisError(f"spglib failed at symprec={symprec}: {err}") from err
+        raise SymmetryAnalysisError(f"spglib failed at symprec={symprec} Å: {err}") from err
     if dataset is None:
         raise SymmetryAnalysisError(
-            f"spglib found no space group at symprec={symprec} Å ({spglib.spglib_error.message}); "
+            f"spglib found no space group at symprec={symprec} Å; "
             "check for overlapping atoms or pass a larger symprec"
         )
     return dataset
@@ -284,9 +288,9 @@ def orbit_positions(position: WyckoffPosition, free_values: Sequence[float]) -> 
     rotations, translations = space_group_operations(position.space_group)
     representative = position.position(np.asarray(free_values, dtype=float))
     images = np.mod(np.einsum("nij,j->ni", rotations, representative) + translations, 1.0)
-    keys = np.mod(np.round(images, _DEDUP_DECIMALS), 1.0)
-    _, first = np.unique(keys, axis=0, return_index=True)
-    return images[np.sort(first)]
+    difference = images[:, None, :] - images[None, :, :]
+    same = np.all(np.abs(difference - np.round(difference)) < _SAME_SITE_TOLERANCE, axis=-1)
+    return images[~np.any(np.tril(same, k=-1), axis=1)]
 
 
 def crystal_to_structure(crystal: WyckoffCrystal) -> Structure:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -197,7 +198,9 @@ def load_orbit_table() -> OrbitTable:
 def space_group_operations(space_group: int) -> tuple[np.ndarray, np.ndarray]:
     """All operations (rotations n×3×3, translations n×3) of the conventional cell, centring included."""
     hall = load_orbit_table().hall_numbers[space_group]
-    ops = spglib.get_symmetry_from_database(hall)
+    with warnings.catch_warnings():  # spglib 2.x warns about its legacy error handling on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ops = spglib.get_symmetry_from_database(hall)
     rotations = np.asarray(ops["rotations"], dtype=float)
     translations = np.asarray(ops["translations"], dtype=float)
     rotations.setflags(write=False)
