@@ -259,6 +259,16 @@ class SlicesPlusTokenizer(PreTrainedTokenizer):
         return graphs.graphs_match(expected, found)
 
 
+    def string_graph_matches(self, text: str, decoded: Structure) -> bool:
+        """Whether ``decoded`` has the crystal graph written in ``text`` (the SLICES validity check)."""
+        try:
+            expected = codec.parse_record(text).graph
+            found = graphs.structure_to_graph(decoded, self.strategy)
+        except (CrystalDecodeError, CrystalEncodeError):
+            return False
+        return graphs.graphs_match(expected, found)
+
+
 def _to_list(values: Any) -> list:
     if hasattr(values, "tolist"):
         return values.tolist()

@@ -62,10 +62,16 @@ class EmbeddingParams:
     max_iterations: int = 400
     time_limit_s: float = 10.0
     seed: int = 0
+    strict_symmetry: bool = False
+    """Raise ``SymmetryMismatchError`` (instead of leaving operations out) for inconsistent operations."""
 
 
 class _Timeout(Exception):
     """Raised inside the objective when the time box is exceeded."""
+
+
+class _SearchExhausted(Exception):
+    """Raised when the automorphism search used up its step budget."""
 
 
 def covalent_radius(symbol: str) -> float:
@@ -363,8 +369,10 @@ def _automorphism(graph: CrystalGraph, rotation: np.ndarray, deadline: float) ->
     def extend(k: int, sigma: dict[int, int], shift: dict[int, np.ndarray], used: set[int]) -> bool:
         nonlocal steps
         steps += 1
-        if steps > _MAX_AUTOMORPHISM_STEPS or time.monotonic() > deadline:
+        if time.monotonic() > deadline:
             raise _Timeout
+        if steps > _MAX_AUTOMORPHISM_STEPS:
+            raise _SearchExhausted
         if k == n:
             return True
         node, parent, v = order[k]
@@ -391,7 +399,11 @@ def _automorphism(graph: CrystalGraph, rotation: np.ndarray, deadline: float) ->
 
     sigma: dict[int, int] = {}
     shift: dict[int, np.ndarray] = {}
-    if not extend(0, sigma, shift, set()):
+    try:
+        if not extend(0, sigma, shift, set()):
+            return None
+    except _SearchExhausted:
+        logger.debug("automorphism search gave up after %d steps", _MAX_AUTOMORPHISM_STEPS)
         return None
     return [sigma[k] for k in range(n)], np.array([shift[k] for k in range(n)])
 
@@ -414,6 +426,41 @@ def _bfs_order(incident: list[list[tuple[int, np.ndarray]]], n: int) -> list[tup
                     order.append((w, u, v))
                     queue.append(w)
     return order
+
+
+def _closed(rotations: Sequence[np.ndarray]) -> bool:
+    """Whether a set of integer matrices is closed under multiplication (a point group)."""
+    keys = {r.tobytes() for r in rotations}
+    return all((a @ b).tobytes() in keys for a in rotations for b in rotations)
+
+
+def symmetry_actions(
+    graph: CrystalGraph, symops: Sequence[SymOp], deadline: float, strict: bool
+) -> tuple[tuple[SymOp, ...], list[tuple[list[int], np.ndarray]]]:
+    """The operations that act on the graph, each with its node permutation and shifts.
+
+    An operation that is not an automorphism of the labelled graph raises ``SymmetryMismatchError``
+    when ``strict``; otherwise it is logged and left out, and if the remaining rotations are no longer
+    a group the symmetry part is ignored altogether (the net's own symmetry still shapes the result).
+    """
+    placement = barycentric_placement(graph)
+    kept: list[SymOp] = []
+    actions: list[tuple[list[int], np.ndarray]] = []
+    for k, op in enumerate(symops):
+        rotation = op.matrices()[0]
+        action = _automorphism_from_placement(graph, rotation, placement) or _automorphism(graph, rotation, deadline)
+        if action is None:
+            message = f"operation {k} ({' '.join(op.tokens())}) is not an automorphism of the crystal graph"
+            if strict:
+                raise SymmetryMismatchError(message)
+            logger.warning("%s; left out", message)
+            continue
+        kept.append(op)
+        actions.append(action)
+    if len(kept) < len(symops) and not _closed([op.matrices()[0] for op in kept]):
+        logger.warning("the consistent operations do not form a group; symmetry part ignored")
+        return (), []
+    return tuple(kept), actions
 
 
 def symmetrize(
@@ -448,18 +495,7 @@ def embed(
         raise EmbeddingError(f"nodes {sorted(set(range(graph.num_nodes)) - bonded)} have no bonds")
     rng = np.random.default_rng(params.seed)
     try:
-        actions = []
-        placement = barycentric_placement(graph)
-        for k, op in enumerate(symops):
-            rotation = op.matrices()[0]
-            action = _automorphism_from_placement(graph, rotation, placement)
-            if action is None:
-                action = _automorphism(graph, rotation, deadline)
-            if action is None:
-                raise SymmetryMismatchError(
-                    f"operation {k} ({' '.join(op.tokens())}) is not an automorphism of the crystal graph"
-                )
-            actions.append(action)
+        symops, actions = symmetry_actions(graph, symops, deadline, params.strict_symmetry)
         frac = initial_positions(graph, rng)
         objective = _Objective(graph, params, deadline)
         metric = initial_metric(graph, frac, objective.targets, 1.5 * objective.volume0)
