@@ -1,0 +1,39 @@
+"""Crystal language models as transformers models (torch + transformers only; no pymatgen here).
+
+Importing this package registers the configurations and models with the Auto classes, so that
+``AutoConfig`` / ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification`` resolve
+``model_type`` ``mattergpt`` and ``wyckoff_gpt`` in-process; saved folders also carry the remote code
+(``auto_map``) and load anywhere crystal-lm is installed with ``trust_remote_code=True``.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from modeling.configuration_mattergpt import MatterGPTConfig
+from modeling.configuration_wyckoff_gpt import WyckoffGPTConfig
+from modeling.modeling_mattergpt import (
+    MatterGPTForCausalLM,
+    MatterGPTForSequenceClassification,
+    MatterGPTModel,
+    MatterGPTPreTrainedModel,
+)
+from modeling.modeling_wyckoff_gpt import WyckoffGPTForCausalLM, WyckoffGPTModel, WyckoffGPTPreTrainedModel
+
+AutoConfig.register(MatterGPTConfig.model_type, MatterGPTConfig, exist_ok=True)
+AutoModel.register(MatterGPTConfig, MatterGPTModel, exist_ok=True)
+AutoModelForCausalLM.register(MatterGPTConfig, MatterGPTForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(MatterGPTConfig, MatterGPTForSequenceClassification, exist_ok=True)
+AutoConfig.register(WyckoffGPTConfig.model_type, WyckoffGPTConfig, exist_ok=True)
+AutoModel.register(WyckoffGPTConfig, WyckoffGPTModel, exist_ok=True)
+AutoModelForCausalLM.register(WyckoffGPTConfig, WyckoffGPTForCausalLM, exist_ok=True)
+
+__all__ = [
+    "MatterGPTConfig",
+    "MatterGPTForCausalLM",
+    "MatterGPTForSequenceClassification",
+    "MatterGPTModel",
+    "MatterGPTPreTrainedModel",
+    "WyckoffGPTConfig",
+    "WyckoffGPTForCausalLM",
+    "WyckoffGPTModel",
+    "WyckoffGPTPreTrainedModel",
+]
