@@ -105,8 +105,11 @@ def main() -> None:
           f"{naive_s / matching_s:.0f} |")
     print()
     print("stage timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report.timings_s.items()))
-    verdict = "PASS" if total_s < TARGET_S else "FAIL"
-    print(f"{verdict}: {total_s:.1f} s for {report.n} structures (target < {TARGET_S:.0f} s)")
+    if args.energy:
+        print(f"{total_s:.1f} s with CHGNet energies (the {TARGET_S:.0f} s target applies to runs without --energy)")
+    else:
+        verdict = "PASS" if total_s < TARGET_S else "FAIL"
+        print(f"{verdict}: {total_s:.1f} s for {report.n} structures (target < {TARGET_S:.0f} s)")
 
 
 if __name__ == "__main__":
