@@ -135,9 +135,9 @@ def test_parquet_and_dataset_folder_inputs_encode_like_csv(prepared, tokenizer: 
     assert from_parquet.total_encoded == 10
     assert from_folder.split_counts == {"train": 40, "validation": 10}
     assert from_folder.license == "cc-by-4.0"
-    by_id = dict(zip(load_split(out, "validation")["material_id"], load_split(out, "validation")["text"]))
+    by_id = dict(zip(list(load_split(out, "validation")["material_id"]), list(load_split(out, "validation")["text"])))
     again = load_split(tmp_path / "f", "validation")
-    assert dict(zip(again["material_id"], again["text"])) == by_id
+    assert dict(zip(list(again["material_id"]), list(again["text"]))) == by_id
 
 
 def test_two_processes_write_the_same_rows(small_csv: Path, prepared, tokenizer: WyckoffTokenizer, tmp_path: Path) -> None:
@@ -148,7 +148,7 @@ def test_two_processes_write_the_same_rows(small_csv: Path, prepared, tokenizer:
     finally:
         datasets.enable_caching()
     assert parallel.split_counts == report.split_counts and parallel.failures_by_type == report.failures_by_type
-    assert load_split(tmp_path, "train")["text"] == load_split(out, "train")["text"]
+    assert list(load_split(tmp_path, "train")["text"]) == list(load_split(out, "train")["text"])
 
 
 def test_read_source_rejects_unknown_file_types(tmp_path: Path) -> None:
@@ -173,7 +173,7 @@ def test_streaming_and_map_style_give_the_same_examples(prepared, world_size: in
         return ids
 
     from_map, from_stream = epoch_ids(map_style, 0), epoch_ids(streaming, 0)
-    assert from_stream == Counter(map_style["material_id"])  # 40 rows over 3 shards, each exactly once
+    assert from_stream == Counter(list(map_style["material_id"]))  # 40 rows over 3 shards, each exactly once
     assert from_map == from_stream  # 40 is divisible by both world sizes, so nothing is trimmed
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,6 +42,7 @@ DEFAULT_SPLIT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 DEFAULT_SHARD_SIZE = 50_000
 PREPARE_REPORT = "prepare_report.json"
 TEXT_COLUMN = "text"
+LOCAL_CACHE_DIR = ".cache"
 _SPLIT_ALIASES: dict[str, str] = {"val": "validation", "valid": "validation", "dev": "validation"}
 _ID_COLUMNS: tuple[str, ...] = ("material_id", "id", "mp_id", "name")
 _NON_PROPERTY_COLUMNS: frozenset[str] = frozenset(
@@ -116,7 +118,7 @@ def read_source(source: str | Path) -> datasets.Dataset:
             return _with_split_column(datasets.load_from_disk(str(path)))
         if any(path.glob("*.cif")):
             return _read_cif_folder(path)
-        return _with_split_column(datasets.load_dataset(str(path)))
+        return _with_split_column(datasets.load_dataset(str(path), cache_dir=str(path / LOCAL_CACHE_DIR)))
     return _with_split_column(datasets.load_dataset(str(source)))
 
 
@@ -422,6 +424,7 @@ def _write_prepared(encoded: datasets.Dataset, out_dir: Path, shard_size: int) -
     data_dir = out_dir / "data"
     for old in data_dir.glob("*.parquet") if data_dir.exists() else ():
         old.unlink()
+    shutil.rmtree(out_dir / LOCAL_CACHE_DIR, ignore_errors=True)
     good_splits = good.to_pandas()["split"].to_numpy() if len(good) else np.array([], dtype=object)
     for split in ordered:
         part = good.select(np.flatnonzero(good_splits == split)).remove_columns(["split"])
@@ -461,8 +464,15 @@ def _write_card_and_report(report: PrepareReport, out_dir: Path, symprec: float)
 
 
 def load_split(source: str | Path, split: str, *, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
-    """One split of a prepared dataset from a local folder or a Hub repo id (one code path for both)."""
-    return datasets.load_dataset(str(source), split=split, streaming=streaming)
+    """One split of a prepared dataset from a local folder or a Hub repo id (one code path for both).
+
+    A local folder keeps its Arrow cache in ``<folder>/.cache``: ``datasets`` keys the cache of a local
+    folder by its name and config only, so two folders with the same name would otherwise share (stale)
+    rows. ``prepare_dataset`` clears that cache when it rewrites the folder.
+    """
+    local = Path(source)
+    cache_dir = str(local / LOCAL_CACHE_DIR) if local.is_dir() else None
+    return datasets.load_dataset(str(source), split=split, streaming=streaming, cache_dir=cache_dir)
 
 
 def _rows(columns: Mapping[str, list]) -> list[dict[str, Any]]:
