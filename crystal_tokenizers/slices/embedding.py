@@ -43,7 +43,8 @@ _ZERO_IMAGE = 13  # index of (0, 0, 0) in _IMAGES
 _COLLISION = 1e-3  # fractional distance below which two barycentric nodes coincide
 _SMALLEST_ANGLE_DEG = {2: 120.0, 3: 120.0, 4: 109.47, 5: 90.0, 6: 90.0, 7: 72.0, 8: 70.53, 9: 66.0, 10: 64.0}
 """Smallest bond angle of the ideal coordination polyhedron by coordination number (60° beyond)."""
-_MAX_AUTOMORPHISM_STEPS = 2_000
+_MAX_AUTOMORPHISM_STEPS = 500
+_SYMMETRY_SEARCH_S = 1.0  # time budget of the backtracking automorphism searches per decode
 
 
 @dataclass(frozen=True)
@@ -369,9 +370,7 @@ def _automorphism(graph: CrystalGraph, rotation: np.ndarray, deadline: float) ->
     def extend(k: int, sigma: dict[int, int], shift: dict[int, np.ndarray], used: set[int]) -> bool:
         nonlocal steps
         steps += 1
-        if time.monotonic() > deadline:
-            raise _Timeout
-        if steps > _MAX_AUTOMORPHISM_STEPS:
+        if steps > _MAX_AUTOMORPHISM_STEPS or time.monotonic() > deadline:
             raise _SearchExhausted
         if k == n:
             return True
@@ -444,23 +443,57 @@ def symmetry_actions(
     a group the symmetry part is ignored altogether (the net's own symmetry still shapes the result).
     """
     placement = barycentric_placement(graph)
+    search_deadline = min(deadline, time.monotonic() + _SYMMETRY_SEARCH_S)
+    found: dict[bytes, tuple[list[int], np.ndarray]] = {}
+    rotations = [op.matrices()[0] for op in symops]
+    for rotation in rotations:
+        key = rotation.tobytes()
+        if key in found:
+            continue
+        action = _automorphism_from_placement(graph, rotation, placement)
+        if action is None and time.monotonic() < search_deadline:
+            action = _automorphism(graph, rotation, search_deadline)
+        if action is not None:
+            found[key] = action
+            _close_under_products(found, {r.tobytes() for r in rotations})
     kept: list[SymOp] = []
     actions: list[tuple[list[int], np.ndarray]] = []
-    for k, op in enumerate(symops):
-        rotation = op.matrices()[0]
-        action = _automorphism_from_placement(graph, rotation, placement) or _automorphism(graph, rotation, deadline)
-        if action is None:
+    for k, (op, rotation) in enumerate(zip(symops, rotations)):
+        if rotation.tobytes() not in found:
             message = f"operation {k} ({' '.join(op.tokens())}) is not an automorphism of the crystal graph"
             if strict:
                 raise SymmetryMismatchError(message)
             logger.warning("%s; left out", message)
             continue
         kept.append(op)
-        actions.append(action)
+        actions.append(found[rotation.tobytes()])
     if len(kept) < len(symops) and not _closed([op.matrices()[0] for op in kept]):
         logger.warning("the consistent operations do not form a group; symmetry part ignored")
         return (), []
     return tuple(kept), actions
+
+
+def _close_under_products(found: dict[bytes, tuple[list[int], np.ndarray]], wanted: set[bytes]) -> None:
+    """Add to ``found`` every wanted rotation that is a product of found ones, with its composed action.
+
+    ``(R1, sigma1, s1) o (R2, sigma2, s2)`` maps node ``i`` to ``sigma1(sigma2(i))`` with shift
+    ``s1[sigma2(i)] + R1 s2[i]``.
+    """
+    rotations = {key: np.frombuffer(key, dtype=int).reshape(3, 3) for key in found}
+    grew = True
+    while grew:
+        grew = False
+        for k1, r1 in list(rotations.items()):
+            for k2, r2 in list(rotations.items()):
+                product_rotation = r1 @ r2
+                key = product_rotation.tobytes()
+                if key in found or key not in wanted:
+                    continue
+                (sigma1, s1), (sigma2, s2) = found[k1], found[k2]
+                sigma = [sigma1[sigma2[i]] for i in range(len(sigma2))]
+                found[key] = (sigma, s1[np.asarray(sigma2)] + s2 @ r1.T)
+                rotations[key] = product_rotation
+                grew = True
 
 
 def symmetrize(
