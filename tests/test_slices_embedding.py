@@ -1,0 +1,69 @@
+"""Graph -> crystal embedding: barycentric placement, automorphisms, time box, typed errors."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+from crystal_tokenizers.errors import DecodeTimeoutError, EmbeddingError, SymmetryMismatchError
+from crystal_tokenizers.slices import codec, embedding
+from crystal_tokenizers.slices.graph import CrystalGraph, graphs_match, structure_to_graph
+
+
+@pytest.fixture(scope="module")
+def rocksalt() -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def test_barycentric_placement_of_rocksalt_puts_cl_at_the_cell_centre(rocksalt):
+    graph = structure_to_graph(rocksalt, "minimumdistancenn")
+    frac = embedding.barycentric_placement(graph)
+    na, cl = [k for k, s in enumerate(graph.species) if s == "Na"], [k for k, s in enumerate(graph.species) if s == "Cl"]
+    assert embedding.periodic_rank(graph) == 3
+    assert not embedding.has_collision(frac)
+    assert len(na) == len(cl) == 4  # conventional cell as built: 4 Na at fcc points, 4 Cl
+    offsets = (frac[cl][:, None, :] - frac[na][None, :, :]) % 1.0
+    assert np.any(np.all(np.isclose(offsets, 0.5, atol=1e-9), axis=-1))
+
+
+def test_every_rocksalt_operation_is_an_automorphism(rocksalt):
+    graph = structure_to_graph(rocksalt, "minimumdistancenn")
+    ops = codec.symmetry_operations(rocksalt)
+    kept, actions = embedding.symmetry_actions(graph, ops, time.monotonic() + 10, strict=True)
+    assert len(kept) == len(ops) == 192
+    for op, (sigma, shifts) in zip(kept, actions):
+        assert embedding._maps_edges(graph, op.matrices()[0], sigma, shifts)
+
+
+def test_decoded_rocksalt_is_cubic_with_its_graph(rocksalt):
+    graph = structure_to_graph(rocksalt, "minimumdistancenn")
+    decoded = embedding.embed(graph, codec.symmetry_operations(rocksalt))
+    assert SpacegroupAnalyzer(decoded, symprec=0.1).get_space_group_number() == 225
+    assert graphs_match(graph, structure_to_graph(decoded, "minimumdistancenn"))
+    shortest = np.min(decoded.distance_matrix + 10 * np.eye(len(decoded)))
+    assert 2.4 < shortest < 3.0  # Na-Cl target: covalent radii 1.66 + 1.02 Å
+
+
+def test_isolated_node_is_an_embedding_error():
+    graph = CrystalGraph(("Na", "Cl", "O"), ((0, 1, 0, 0, 0), (0, 1, 1, 0, 0)))
+    with pytest.raises(EmbeddingError):
+        embedding.embed(graph)
+
+
+def test_inconsistent_operation_raises_when_strict(rocksalt):
+    graph = CrystalGraph(("Na", "Cl"), ((0, 1, 0, 0, 0), (0, 1, 1, 0, 0), (0, 0, 0, 1, 0), (1, 1, 0, 0, 1)))
+    swap_ab = codec.parse_record("Na Cl 0 1 o o o u i y 1s 1s 1s").symops
+    params = embedding.EmbeddingParams(strict_symmetry=True)
+    with pytest.raises(SymmetryMismatchError):
+        embedding.embed(graph, swap_ab, params)
+    assert isinstance(embedding.embed(graph, swap_ab), Structure)  # lenient: the operation is left out
+
+
+def test_time_box_ends_a_decode_with_a_typed_error(rocksalt):
+    graph = structure_to_graph(rocksalt.make_supercell([2, 2, 2], in_place=False), "minimumdistancenn")
+    with pytest.raises(DecodeTimeoutError):
+        embedding.embed(graph, (), embedding.EmbeddingParams(time_limit_s=1e-4))
