@@ -279,3 +279,16 @@ def test_cli_json_without_reference_or_groups(
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 4 and result["novelty"] is None and result["spg_consistency"] is None
     assert result["structural_validity"] == pytest.approx(0.75)
+
+
+def test_write_report_draws_property_density_maps(sample_structures: list[Structure], tmp_path: Path) -> None:
+    predictors = {
+        "bulk_modulus_gpa": lambda structures: np.array([30.0 * s.density for s in structures]),
+        "shear_modulus_gpa": lambda structures: np.array([4.0 * s.volume / len(s) for s in structures]),
+    }
+    targets = {"bulk_modulus_gpa": 200.0, "shear_modulus_gpa": [100.0 + i for i in range(30)]}
+    report = evaluate_structures(sample_structures[:30], targets=targets, predictors=predictors)
+    names = {p.name for p in write_report(report, tmp_path)}
+    assert {"density_bulk_modulus_gpa.png", "density_shear_modulus_gpa.png"} <= names
+    assert "density_bulk_modulus_gpa_vs_shear_modulus_gpa.png" in names
+    assert "bulk_modulus_gpa: median_predicted" in (tmp_path / "summary.md").read_text()

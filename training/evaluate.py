@@ -82,6 +82,7 @@ SPACEGROUP_KEY = "spacegroup"
 CRYSTAL_SYSTEM_KEY = "crystal_system"
 """Target key (and CSV column) of target crystal systems (a name or the integer 0-6)."""
 
+_MAX_TARGET_MARKERS = 10
 _T = TypeVar("_T")
 PropertyPredictor = Callable[[Sequence[Structure]], np.ndarray]
 """A function from structures to one predicted value per structure (in the property's units)."""
@@ -788,7 +789,8 @@ def _plot_properties(plt: Any, report: EvaluationReport, out: Path) -> list[tupl
         path = out / f"density_{name}.png"
         fig, ax = plt.subplots(figsize=(4.5, 4))
         if np.ptp(pairs[:, 0]) > 0:
-            ax.hist2d(pairs[:, 0], pairs[:, 1], bins=40, cmap="viridis", cmin=1)
+            *_, image = ax.hist2d(pairs[:, 0], pairs[:, 1], bins=40, cmap="viridis", cmin=1)
+            fig.colorbar(image, ax=ax, label="structures")
             lo, hi = float(pairs.min()), float(pairs.max())
             ax.plot([lo, hi], [lo, hi], "r--", lw=1)
             ax.set_xlabel(f"target {name}")
@@ -809,10 +811,14 @@ def _plot_properties(plt: Any, report: EvaluationReport, out: Path) -> list[tupl
         if rows:
             path = out / f"density_{a}_vs_{b}.png"
             fig, ax = plt.subplots(figsize=(4.5, 4))
-            ax.hist2d([r.predicted[a] for r in rows], [r.predicted[b] for r in rows], bins=40, cmap="viridis", cmin=1)
+            *_, image = ax.hist2d(
+                [r.predicted[a] for r in rows], [r.predicted[b] for r in rows], bins=40, cmap="viridis", cmin=1
+            )
+            fig.colorbar(image, ax=ax, label="structures")
             target_points = {(r.target[a], r.target[b]) for r in rows if a in r.target and b in r.target}
-            for ta, tb in target_points:
-                ax.plot(ta, tb, "r*", ms=12)
+            if len(target_points) <= _MAX_TARGET_MARKERS:  # a few conditioning targets, as in SLICES-PLUS Fig. 4/5
+                for ta, tb in target_points:
+                    ax.plot(ta, tb, "r*", ms=12)
             ax.set_xlabel(f"predicted {a}")
             ax.set_ylabel(f"predicted {b}")
             fig.tight_layout()
