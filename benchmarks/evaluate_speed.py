@@ -75,6 +75,7 @@ def main() -> None:
             ids=generated.ids,
             parse_errors=generated.errors,
             energy_model=chgnet_energy_per_atom if args.energy else None,
+            reference_formation_energies=reference.columns["formation_energy_per_atom"],
         )
         total_s = time.perf_counter() - start
 

@@ -18,6 +18,7 @@ from training.evaluate import (
     duplicate_of,
     energies_above_hull,
     evaluate_structures,
+    fit_elemental_energies,
     is_compositionally_valid,
     is_novel,
     is_structurally_valid,
@@ -292,3 +293,22 @@ def test_write_report_draws_property_density_maps(sample_structures: list[Struct
     assert {"density_bulk_modulus_gpa.png", "density_shear_modulus_gpa.png"} <= names
     assert "density_bulk_modulus_gpa_vs_shear_modulus_gpa.png" in names
     assert "bulk_modulus_gpa: median_predicted" in (tmp_path / "summary.md").read_text()
+
+
+def test_fitted_elemental_energies_complete_the_hull() -> None:
+    """Reference energies built from known mu (Na -1.3, Cl -1.8, O -4.9 eV/atom) and formation energies."""
+    mu = {"Na": -1.3, "Cl": -1.8, "O": -4.9}
+    nacl, na2o = rock_salt(), Structure(Lattice.cubic(5.55), ["Na"] * 2 + ["O"], [[0.25] * 3, [0.75] * 3, [0, 0, 0]])
+    naclo = Structure(Lattice.cubic(5.0), ["Na", "Cl", "O"], [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0, 0]])
+    reference = [nacl, na2o, naclo]
+    formation = np.array([-2.0, -1.4, -1.0])
+    energies = np.array([f + sum(mu[el.symbol] * x for el, x in s.composition.fractional_composition.items())
+                         for s, f in zip(reference, formation)])  # fmt: skip
+    fitted, rms = fit_elemental_energies(reference, energies, formation)
+    assert fitted == pytest.approx(mu) and rms == pytest.approx(0.0, abs=1e-9)
+    underdetermined, _ = fit_elemental_energies(reference[:1], energies[:1], formation[:1])
+    assert underdetermined == {}  # one equation cannot separate mu_Na from mu_Cl
+    generated_energy = np.array([-2.0 + (mu["Na"] + mu["Cl"]) / 2 + 0.25])  # NaCl 0.25 eV/atom above its hull point
+    assert np.isnan(energies_above_hull([rock_salt(5.5)], generated_energy, reference, energies)[0])
+    hull = energies_above_hull([rock_salt(5.5)], generated_energy, reference, energies, fitted)
+    assert hull == pytest.approx([0.25])

@@ -331,18 +331,23 @@ def energies_above_hull(
     energies_per_atom: np.ndarray,
     reference: Sequence[Structure],
     reference_energies_per_atom: np.ndarray,
+    elemental_energies: Mapping[str, float] | None = None,
 ) -> np.ndarray:
     """Energy above the reference convex hull in eV/atom (negative: below it); NaN where no hull exists.
 
     The hull of each structure's chemical system is built with ``PhaseDiagram`` from the reference
-    structures whose elements are a subset of it; without an elemental reference for every element the
-    hull is undefined and the value is NaN.
+    structures whose elements are a subset of it. Every element needs a terminal entry: an elemental
+    reference structure, or else an energy per atom from ``elemental_energies`` (e.g.
+    ``fit_elemental_energies``); without one the hull is undefined and the value is NaN.
     """
     by_system: dict[frozenset[str], list[ComputedEntry]] = defaultdict(list)
     for ref, energy in zip(reference, reference_energies_per_atom, strict=True):
         if np.isfinite(energy):
             comp = ref.composition.element_composition
             by_system[frozenset(el.symbol for el in comp.elements)].append(ComputedEntry(comp, energy * comp.num_atoms))
+    for symbol, energy in (elemental_energies or {}).items():
+        if frozenset([symbol]) not in by_system:
+            by_system[frozenset([symbol])].append(ComputedEntry(Composition(symbol), energy))
     result = np.full(len(structures), np.nan)
     diagrams: dict[frozenset[str], PhaseDiagram | None] = {}
     for index, (structure, energy) in enumerate(zip(structures, energies_per_atom, strict=True)):
@@ -366,6 +371,37 @@ def _phase_diagram(
     except ValueError as err:  # missing terminal (elemental) entries
         logger.debug("no hull for %s: %s", "-".join(sorted(system)), err)
         return None
+
+
+def fit_elemental_energies(
+    structures: Sequence[Structure], energies_per_atom: np.ndarray, formation_energies_per_atom: np.ndarray
+) -> tuple[dict[str, float], float | None]:
+    """Elemental reference energies in eV/atom on the energy model's scale, and the fit's RMS residual.
+
+    Least squares over the reference set: ``E_model(s) - E_form(s) = sum_el x_el(s) * mu_el`` with ``x``
+    the atomic fractions and ``E_form`` the reference formation energy (e.g. MP's, eV/atom). Because the
+    equation is linear in composition, per-element energy corrections (MP2020) are absorbed in ``mu``. Only
+    elements that the equations determine (outside the null space) are returned. This supplies the
+    terminal hull entries that a reference set without elemental crystals (such as MP-20) lacks.
+    """
+    known = np.isfinite(energies_per_atom) & np.isfinite(formation_energies_per_atom)
+    rows = np.flatnonzero(known)
+    if not len(rows):
+        return {}, None
+    symbols = sorted({el.symbol for i in rows for el in structures[i].composition.elements}, key=lambda x: Element(x).Z)
+    column = {symbol: k for k, symbol in enumerate(symbols)}
+    fractions = np.zeros((len(rows), len(symbols)))
+    for r, i in enumerate(rows):
+        composition = structures[i].composition.element_composition.fractional_composition
+        for el, x in composition.items():
+            fractions[r, column[el.symbol]] = x
+    offsets = energies_per_atom[rows] - formation_energies_per_atom[rows]
+    mu, *_ = np.linalg.lstsq(fractions, offsets, rcond=None)
+    eigenvalues, eigenvectors = np.linalg.eigh(fractions.T @ fractions)  # null space of the equations
+    null_space = eigenvectors[:, eigenvalues <= eigenvalues.max() * 1e-12]
+    undetermined = np.abs(null_space).max(axis=1, initial=0.0) > 1e-6
+    rms = float(np.sqrt(np.mean((fractions @ mu - offsets) ** 2)))
+    return {symbol: float(mu[k]) for k, symbol in enumerate(symbols) if not undetermined[k]}, rms
 
 
 def _reference_energies_in_systems(
@@ -493,6 +529,7 @@ def evaluate_structures(
     parse_errors: Sequence[str | None] | None = None,
     predictors: Mapping[str, PropertyPredictor] | None = None,
     energy_model: EnergyModel | None = None,
+    reference_formation_energies: Sequence[float | None] | None = None,
     matcher: StructureMatcher | None = None,
     min_distance: float = MIN_DISTANCE_A,
     symprec: float = SYMPREC_JUDGE_A,
@@ -503,7 +540,9 @@ def evaluate_structures(
 
     ``targets`` maps a name to one value or one value per structure: ``"spacegroup"`` (declared group
     numbers), ``"crystal_system"`` (names or 0-6), and property names judged by ``predictors[name]``.
-    ``reference`` (e.g. the training set) enables novelty, distribution distances and the hull.
+    ``reference`` (e.g. the training set) enables novelty, distribution distances and the hull;
+    ``reference_formation_energies`` (eV/atom, one per reference entry) complete missing elemental hull
+    terminals through ``fit_elemental_energies``.
     """
     progress = progress or _no_progress
     targets = dict(targets or {})
@@ -537,6 +576,10 @@ def evaluate_structures(
     duplicates = dict(zip(valid, _remap(duplicate_of(valid_structures, matcher), valid), strict=True))
     lap("uniqueness")
     reference_structures = [s for s in (reference or ()) if s is not None]
+    reference_formation = None
+    if reference is not None and reference_formation_energies is not None:
+        pairs = zip(reference, reference_formation_energies, strict=True)
+        reference_formation = np.array([np.nan if e is None else float(e) for s, e in pairs if s is not None])
     novel: dict[int, bool] = {}
     if reference is not None:
         novel = dict(zip(valid, is_novel(valid_structures, reference_structures, matcher), strict=True))
@@ -550,7 +593,7 @@ def evaluate_structures(
     predicted, property_targets, properties = _property_metrics(valid_structures, valid, targets, predictors, n)
     lap("properties")
     energies, hull, energy_summary = _energy_metrics(
-        valid_structures, valid, reference_structures, energy_model, duplicates, novel
+        valid_structures, valid, reference_structures, energy_model, duplicates, novel, reference_formation
     )
     lap("energy")
 
@@ -691,15 +734,19 @@ def _energy_metrics(
     energy_model: EnergyModel | None,
     duplicates: Mapping[int, int | None],
     novel: Mapping[int, bool],
+    reference_formation_energies: np.ndarray | None,
 ) -> tuple[dict[int, float], dict[int, float], dict[str, float | int | None] | None]:
     """Energies (eV/atom), energies above the reference hull (eV/atom) and their summary, by index."""
     if energy_model is None or not valid_structures:
         return {}, {}, None
     energies = np.asarray(energy_model(valid_structures), dtype=float)
     hull = np.full(len(valid), np.nan)
+    elemental, fit_rms = {}, None
     if reference:
         reference_energies = _reference_energies_in_systems(valid_structures, reference, energy_model)
-        hull = energies_above_hull(valid_structures, energies, reference, reference_energies)
+        if reference_formation_energies is not None:
+            elemental, fit_rms = fit_elemental_energies(reference, reference_energies, reference_formation_energies)
+        hull = energies_above_hull(valid_structures, energies, reference, reference_energies, elemental)
     covered = np.isfinite(hull)
     stable = covered & (hull <= STABILITY_THRESHOLD_EV)
     sun = [bool(stable[k]) and duplicates[i] is None and novel.get(i, False) for k, i in enumerate(valid)]
@@ -710,6 +757,8 @@ def _energy_metrics(
         "median_e_above_hull_ev": float(np.median(hull[covered])) if covered.any() else None,
         "stable_fraction": _fraction(int(stable.sum()), int(covered.sum())),
         "sun_rate": _fraction(sum(sun), int(covered.sum())) if reference else None,
+        "n_fitted_elemental_energies": len(elemental),
+        "elemental_fit_rms_ev": fit_rms,
     }
     energy_by_index = {i: float(e) for i, e in zip(valid, energies, strict=True) if np.isfinite(e)}
     hull_by_index = {i: float(h) for i, h in zip(valid, hull, strict=True) if np.isfinite(h)}

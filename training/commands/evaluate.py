@@ -69,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--predictor", action="append", default=[], metavar="NAME=MODEL_DIR", help="property predictor (repeatable)"
     )
     parser.add_argument("--energy", action="store_true", help="CHGNet energies and energy above the reference hull")
+    parser.add_argument(
+        "--formation-energy-column",
+        default="formation_energy_per_atom",
+        help="reference CSV column (eV/atom) used to fit elemental hull terminals the reference lacks",
+    )
     parser.add_argument("--min-distance", type=float, default=MIN_DISTANCE_A, help="structural-validity cut-off in Å")
     parser.add_argument("--symprec", type=float, default=SYMPREC_JUDGE_A, help="spglib tolerance in Å for judging")
 
@@ -106,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
     """Read the crystals, evaluate them, write the report and print the metrics."""
     progress = functools.partial(tqdm, file=sys.stderr, leave=False)
     generated = read_structures(args.generated, cif_column=args.cif_column, progress=progress)
-    reference = None
+    reference, formation_energies = None, None
     if args.reference is not None:
-        reference = read_structures(args.reference, cif_column=args.cif_column, progress=progress).structures
+        reference_set = read_structures(args.reference, cif_column=args.cif_column, progress=progress)
+        reference = reference_set.structures
+        formation_energies = reference_set.columns.get(args.formation_energy_column)
     report = evaluate_structures(
         generated.structures,
         reference=reference,
@@ -117,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         parse_errors=generated.errors,
         predictors=_predictors(args.predictor),
         energy_model=chgnet_energy_per_atom if args.energy else None,
+        reference_formation_energies=formation_energies,
         min_distance=args.min_distance,
         symprec=args.symprec,
         progress=progress,
