@@ -312,3 +312,9 @@ def test_fitted_elemental_energies_complete_the_hull() -> None:
     assert np.isnan(energies_above_hull([rock_salt(5.5)], generated_energy, reference, energies)[0])
     hull = energies_above_hull([rock_salt(5.5)], generated_energy, reference, energies, fitted)
     assert hull == pytest.approx([0.25])
+
+
+def test_cli_reports_a_missing_cif_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pd.DataFrame({"structure": ["x"]}).to_csv(tmp_path / "gen.csv", index=False)
+    assert cli.main(["evaluate", str(tmp_path / "gen.csv"), "--json"]) == 2
+    assert "no column 'cif'" in capsys.readouterr().err

@@ -140,16 +140,21 @@ def _parse_all(texts: Sequence[str], progress: ProgressFn) -> tuple[list[Structu
 def read_structures(
     path: str | Path, cif_column: str = "cif", id_column: str = "material_id", progress: ProgressFn | None = None
 ) -> StructureSet:
-    """Read a folder of ``*.cif`` files or a CSV with a CIF column; bad CIFs are recorded, never raised."""
+    """Read a folder of ``*.cif`` files, one CIF file, or a CSV with a CIF column; bad CIFs are recorded, never raised.
+
+    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for a CSV without ``cif_column``.
+    """
     path = Path(path)
     progress = progress or _no_progress
-    if path.is_dir():
-        files = sorted(path.glob("*.cif"))
-        structures, errors = _parse_all([f.read_text() for f in files], progress)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such CIF folder or CSV file")
+    if path.is_dir() or path.suffix.lower() == ".cif":
+        files = sorted(path.glob("*.cif")) if path.is_dir() else [path]
+        structures, errors = _parse_all([f.read_text(errors="replace") for f in files], progress)
         return StructureSet(tuple(f.stem for f in files), tuple(structures), tuple(errors))
     table = pd.read_csv(path)
     if cif_column not in table.columns:
-        raise KeyError(f"{path}: no column {cif_column!r} (columns: {', '.join(map(str, table.columns))})")
+        raise ValueError(f"{path}: no column {cif_column!r} (columns: {', '.join(map(str, table.columns))})")
     texts = [text if isinstance(text, str) else "" for text in table[cif_column]]
     structures, errors = _parse_all(texts, progress)
     ids = table[id_column].astype(str) if id_column in table.columns else pd.Series(range(len(table))).astype(str)
@@ -166,7 +171,7 @@ def read_structures(
 def is_structurally_valid(
     structure: Structure, min_distance: float = MIN_DISTANCE_A, min_volume: float = MIN_VOLUME_A3
 ) -> bool:
-    """True if no two atoms (periodic images included, an atom's own images too) are closer than ``min_distance`` Å.
+    """True if no two atoms, periodic images included (an atom's own too), are closer than ``min_distance`` Å.
 
     A cell under ``min_volume`` Å³ or with non-finite parameters is invalid. The pair search is pymatgen's
     compiled cell-list search (``get_neighbor_list``), exact for any cell shape.

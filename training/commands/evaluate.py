@@ -110,12 +110,16 @@ def _summary(report: EvaluationReport) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Read the crystals, evaluate them, write the report and print the metrics."""
     progress = functools.partial(tqdm, file=sys.stderr, leave=False)
-    generated = read_structures(args.generated, cif_column=args.cif_column, progress=progress)
-    reference, formation_energies = None, None
-    if args.reference is not None:
-        reference_set = read_structures(args.reference, cif_column=args.cif_column, progress=progress)
-        reference = reference_set.structures
-        formation_energies = reference_set.columns.get(args.formation_energy_column)
+    try:
+        generated = read_structures(args.generated, cif_column=args.cif_column, progress=progress)
+        reference_set = None
+        if args.reference is not None:
+            reference_set = read_structures(args.reference, cif_column=args.cif_column, progress=progress)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"crystal-lm evaluate: {err}", file=sys.stderr)
+        return 2
+    reference = None if reference_set is None else reference_set.structures
+    formation_energies = None if reference_set is None else reference_set.columns.get(args.formation_energy_column)
     report = evaluate_structures(
         generated.structures,
         reference=reference,
