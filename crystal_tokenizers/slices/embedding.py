@@ -28,15 +28,17 @@ from itertools import product
 
 import numpy as np
 from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Element, Lattice, Structure
 from scipy.optimize import minimize
 
 from crystal_tokenizers.errors import DecodeTimeoutError, EmbeddingError, SymmetryMismatchError
 from crystal_tokenizers.slices.codec import SymOp
 from crystal_tokenizers.slices.graph import CrystalGraph, orient_edge, shift_gauge
+from crystal_tokenizers.slices.radii import ALPHA, BETA, RADII
 
 logger = logging.getLogger(__name__)
 
+_MIN_BOND = 0.5  # Å, floor of a target bond length
 _FALLBACK_RADIUS = 1.5  # Å, for elements without a tabulated covalent radius
 _IMAGES = np.array(list(product((-1, 0, 1), repeat=3)), dtype=float)  # 27 neighbouring cells
 _ZERO_IMAGE = 13  # index of (0, 0, 0) in _IMAGES
@@ -80,34 +82,54 @@ def covalent_radius(symbol: str) -> float:
     return float(CovalentRadius.radius.get(symbol, _FALLBACK_RADIUS))
 
 
-def bond_targets(species: Sequence[str], pairs: np.ndarray) -> np.ndarray:
-    """Target bond lengths (Å) of node pairs ``pairs[:, 0]``–``pairs[:, 1]``: covalent-radius sums."""
-    radii = np.array([covalent_radius(s) for s in species])
-    return radii[pairs[:, 0]] + radii[pairs[:, 1]]
+def electronegativity(symbol: str) -> float:
+    """Pauling electronegativity, 0 where pymatgen has none (noble gases)."""
+    chi = Element(symbol).X
+    return float(chi) if np.isfinite(chi) else 0.0
 
 
-def neighbour_pairs(graph: CrystalGraph, slack: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bond_radius(symbol: str) -> float:
+    """Radius (Å) of the fitted bond-length model (``slices.radii``), the covalent radius if unfitted."""
+    return RADII.get(symbol, covalent_radius(symbol))
+
+
+def bond_targets(graph: CrystalGraph) -> np.ndarray:
+    """Target length (Å) of every edge of ``graph`` from the fitted model of ``slices.radii``.
+
+    ``d_ij = rho_i + rho_j + ALPHA |chi_i - chi_j| + BETA (ln CN_i + ln CN_j)`` with the coordination
+    numbers CN read from the graph (a loop counts twice, as in the fit).
+    """
+    pairs, _ = _edge_arrays(graph)
+    degree = np.bincount(pairs.ravel(), minlength=graph.num_nodes).astype(float)
+    rho = np.array([bond_radius(s) for s in graph.species])
+    chi = np.array([electronegativity(s) for s in graph.species])
+    i, j = pairs[:, 0], pairs[:, 1]
+    lengths = rho[i] + rho[j] + ALPHA * np.abs(chi[i] - chi[j]) + BETA * (np.log(degree[i]) + np.log(degree[j]))
+    return np.maximum(lengths, _MIN_BOND)
+
+
+def neighbour_pairs(
+    graph: CrystalGraph, targets: np.ndarray, slack: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs of neighbours of a common atom: node pairs, offsets and minimum distances (Å).
 
     Two neighbours ``(n1, o1)`` and ``(n2, o2)`` of one atom are the pair ``n1 -> n2`` with offset
     ``o2 - o1``; their minimum distance follows from the two bond targets and the smallest angle of the
     ideal polyhedron of the atom's coordination number (times ``slack``), by the law of cosines.
     """
-    ends: list[list[tuple[int, tuple[int, int, int]]]] = [[] for _ in range(graph.num_nodes)]
-    for i, j, a, b, c in graph.edges:
-        ends[i].append((j, (a, b, c)))
-        ends[j].append((i, (-a, -b, -c)))
+    ends: list[list[tuple[int, tuple[int, int, int], float]]] = [[] for _ in range(graph.num_nodes)]
+    for (i, j, a, b, c), length in zip(graph.edges, targets):
+        ends[i].append((j, (a, b, c), length))
+        ends[j].append((i, (-a, -b, -c), length))
     bonds = set(graph.edges)
-    radii = np.array([covalent_radius(s) for s in graph.species])
     pairs, offsets, minima = [], [], []
     for centre, neighbours in enumerate(ends):
         angle = np.deg2rad(slack * _SMALLEST_ANGLE_DEG.get(len(neighbours), 60.0))
-        for k, (n1, o1) in enumerate(neighbours):
-            for n2, o2 in neighbours[k + 1 :]:
+        for k, (n1, o1, r1) in enumerate(neighbours):
+            for n2, o2, r2 in neighbours[k + 1 :]:
                 offset = tuple(np.subtract(o2, o1).tolist())
                 if orient_edge((n1, n2, *offset)) in bonds or (n1 == n2 and offset == (0, 0, 0)):
                     continue
-                r1, r2 = radii[centre] + radii[n1], radii[centre] + radii[n2]
                 pairs.append((n1, n2))
                 offsets.append(offset)
                 minima.append(np.sqrt(r1**2 + r2**2 - 2 * r1 * r2 * np.cos(angle)))
@@ -212,7 +234,7 @@ class _Objective:
         n = graph.num_nodes
         self.n, self.params, self.deadline = n, params, deadline
         self.pairs, self.offsets = _edge_arrays(graph)
-        self.targets = bond_targets(graph.species, self.pairs)
+        self.targets = bond_targets(graph)
         iu, ju = np.triu_indices(n)
         self.pi, self.pj = iu, ju
         self.pair_index = np.full((n, n), -1)
@@ -223,10 +245,10 @@ class _Objective:
         self.rmin = params.repulsion_factor * np.maximum(shortest[iu], shortest[ju])
         self.exclude = np.zeros((len(iu), len(_IMAGES)), dtype=bool)
         self.exclude[iu == ju, _ZERO_IMAGE] = True
-        radii = np.array([covalent_radius(s) for s in graph.species])
+        radii = np.array([bond_radius(s) for s in graph.species])
         self.volume0 = float(np.sum(4.0 / 3.0 * np.pi * radii**3))
         self.loops = self.pairs[:, 0] == self.pairs[:, 1]
-        self.angle_pairs, self.angle_offsets, self.angle_minima = neighbour_pairs(graph, params.angle_slack)
+        self.angle_pairs, self.angle_offsets, self.angle_minima = neighbour_pairs(graph, self.targets, params.angle_slack)
 
     @staticmethod
     def lattice(x: np.ndarray) -> np.ndarray:
