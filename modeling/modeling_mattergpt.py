@@ -323,7 +323,6 @@ class MatterGPTModel(MatterGPTPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(B, T)`): token ids (only the new ones when `cache` is given).
@@ -395,6 +394,7 @@ class MatterGPTForCausalLM(MatterGPTPreTrainedModel, GenerationMixin):
         Arguments as `MatterGPTModel.forward`, plus:
         labels (`torch.LongTensor` of shape `(B, T)`): next-token targets, shifted inside; -100 is ignored.
         logits_to_keep (`int`): if > 0, compute logits for the last `logits_to_keep` positions only.
+        Extra keyword arguments (e.g. `num_items_in_batch`) go to the loss function.
         """
         outputs = self.transformer(
             input_ids,
@@ -457,6 +457,7 @@ class MatterGPTForSequenceClassification(MatterGPTPreTrainedModel):
         Arguments as `MatterGPTModel.forward`, plus:
         labels (`torch.Tensor` of shape `(B,)` or `(B, num_labels)`): class ids (long) or targets (float,
             regression in the target's units).
+        Extra keyword arguments (e.g. the Trainer's `num_items_in_batch`) are accepted and ignored.
         """
         outputs = self.transformer(
             input_ids,
