@@ -28,7 +28,7 @@ REPO_TYPES: tuple[str, ...] = ("model", "dataset")
 CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
 TOKENIZER_REPRESENTATIONS: dict[str, str] = {"WyckoffTokenizer": "wyckoff", "SlicesPlusTokenizer": "slices-plus"}
-_SKIPPED_METRIC_PREFIXES: tuple[str, ...] = ("histograms.", "reference_histograms.", "records.")
+_SKIPPED_METRIC_PREFIXES: tuple[str, ...] = ("histograms.", "reference_histograms.", "records.", "settings.", "timings_s.")
 
 
 class HubPushError(ValueError):
