@@ -204,13 +204,17 @@ def _text_condition_kwargs(names: Sequence[str], properties: Mapping[str, float 
         if name in _STRUCTURAL_CONDITIONS:
             kwargs[name] = True
         elif name == "stability":
-            if properties.get("e_above_hull") is not None:
+            if _is_given(properties.get("e_above_hull")):
                 kwargs["e_above_hull"] = float(properties["e_above_hull"])
-        elif properties.get(name) is not None:
+        elif _is_given(properties.get(name)):
             numeric[name] = float(properties[name])
     if numeric:
         kwargs["properties"] = numeric
     return kwargs
+
+
+def _is_given(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
 
 
 def encode_row(cif: str, properties: Mapping[str, float | None], tokenizer: Any, options: EncodeOptions) -> dict[str, Any]:
