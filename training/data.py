@@ -33,7 +33,9 @@ from hub_cards import DatasetCardInfo, render_dataset_card
 
 logger = logging.getLogger(__name__)
 
-REPRESENTATIONS: tuple[str, ...] = ("wyckoff", "slices-plus")
+REPRESENTATIONS: tuple[str, ...] = ("wyckoff", "slices-plus", "slices")
+TEXT_CONDITION_REPRESENTATIONS: frozenset[str] = frozenset({"wyckoff"})
+"""Representations whose strings carry a condition prefix (SLICES-PLUS models take conditions as inputs)."""
 _STRUCTURAL_CONDITIONS: frozenset[str] = frozenset({"crystal_system", "space_group", "elements", "composition"})
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 ENCODE_SYMPREC = 0.01
@@ -69,19 +71,13 @@ class DataPreparationError(ValueError):
 
 def make_tokenizer(representation: str, pretrained: str | None = None) -> Any:
     """The crystal tokenizer of ``representation``, or the one saved at ``pretrained`` (path or repo id)."""
+    from crystal_tokenizers.loading import load_tokenizer
+
     if pretrained is not None:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(pretrained, trust_remote_code=True)
-    if representation == "wyckoff":
-        from crystal_tokenizers import WyckoffTokenizer
-
-        return WyckoffTokenizer()
-    if representation == "slices-plus":
-        from crystal_tokenizers import SlicesPlusTokenizer
-
-        return SlicesPlusTokenizer()
-    raise ValueError(f"unknown representation {representation!r}; expected one of {REPRESENTATIONS}")
+        return load_tokenizer(pretrained)
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"unknown representation {representation!r}; expected one of {REPRESENTATIONS}")
+    return load_tokenizer(representation)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,6 +370,11 @@ def prepare_dataset(
     if len(table) == 0:
         raise DataPreparationError(f"{source}: no rows")
     options = options or EncodeOptions()
+    if options.text_conditions and representation not in TEXT_CONDITION_REPRESENTATIONS:
+        raise ValueError(
+            f"{representation} strings carry no condition prefix; train with data.crystal_system_condition / "
+            "data.property_conditions instead of text conditions"
+        )
     if options.cif_column not in table.column_names:
         raise DataPreparationError(
             f"{source}: no CIF column {options.cif_column!r}; columns are {table.column_names}"
