@@ -185,3 +185,25 @@ def test_accelerate_launch_two_cpu_processes_agree(dataset_dir: Path, tmp_path: 
     assert any(not torch.allclose(rank0[n], initial[n]) for n in rank0)  # it trained
     checkpoint = list_checkpoints(tmp_path / "run")[-1]
     assert {"data_position_0.json", "data_position_1.json", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
+
+
+@pytest.mark.slow
+def test_mattergpt_trains_with_crystal_system_and_property_inputs(tmp_path: Path) -> None:
+    prepare_dataset(SAMPLE, tmp_path / "data", representation="slices-plus", limit=12)
+    config = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "training" / "configs" / "mattergpt_small.yaml")
+    raw = config.to_dict()
+    raw["output_dir"] = str(tmp_path / "run")
+    raw["data"].update(path=str(tmp_path / "data"), eval_split=None)
+    raw["model"]["config"].update(n_layer=1, n_embd=32, n_head=2, n_inner=64)
+    raw["loop"].update(max_steps=3, micro_batch_size=4, log_every=1)
+    result = train(raw)
+    assert result.steps == 3 and math.isfinite(result.metrics["train/loss"])
+    saved = result.model.config
+    assert list(saved.property_names) == ["formation_energy_per_atom", "band_gap"]
+    assert saved.property_means[0] < 0 < saved.property_stds[0]  # MP-20 formation energies are mostly negative
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(dataset_dir: Path, tmp_path: Path) -> None:
+    train(tiny_config(dataset_dir, tmp_path / "run", max_steps=3))
+    with pytest.raises(TrainingConfigError, match="already holds checkpoints"):
+        train(tiny_config(dataset_dir, tmp_path / "run", max_steps=3))

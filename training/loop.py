@@ -596,6 +596,11 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool 
 
     state, position = _LoopState(), _DataPosition()
     checkpoints = list_checkpoints(output_dir)
+    if checkpoints and not resume:
+        raise TrainingConfigError(
+            f"{output_dir} already holds checkpoints (newest {checkpoints[-1].name}): resume the run "
+            "(resume=True, --resume) or choose a new output_dir"
+        )
     if resume and checkpoints:
         state, position = _load_checkpoint(accelerator, checkpoints[-1])
         logger.info("resumed from %s (step %d)", checkpoints[-1], state.step)

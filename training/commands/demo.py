@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         eval=dataclasses.replace(config.eval, every_steps=every, num_samples=8, max_new_tokens=args.max_new_tokens),
         checkpoint=dataclasses.replace(config.checkpoint, every_steps=every),
     )
+    shutil.rmtree(out / "run", ignore_errors=True)  # a demo always trains from scratch
     result = _timed(timings, "train", lambda: train(config))
     from crystal_tokenizers import WyckoffTokenizer
 
