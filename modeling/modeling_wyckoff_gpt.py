@@ -268,7 +268,7 @@ class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
         kind_names, kind_of_token = kind_lookup(config)
         kinds = [DEFAULT_VALUE_KINDS[name] for name in kind_names] or [DEFAULT_VALUE_KINDS["scalar"]]
         self.numeric_head = NumericValueHead(config.n_embd, kinds, config.num_mixture_components)
-        self.register_buffer("kind_of_token", kind_of_token, persistent=False)
+        self.register_buffer("kind_of_token", kind_of_token)
         self.post_init()
 
     def forward(

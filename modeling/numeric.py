@@ -94,11 +94,11 @@ class GaussianValueEmbedding(nn.Module):
             raise ValueError(f"log_range must satisfy 0 < low < high, got {tuple(log_range)}")
         grids = [torch.linspace(float(low), float(high), num_linear) for low, high in linear_ranges]
         self.linear_widths = tuple((float(high) - float(low)) / (num_linear - 1) for low, high in linear_ranges)
-        self.register_buffer("linear_centres", torch.stack(grids) if grids else torch.zeros(0, num_linear), persistent=False)
+        self.register_buffer("linear_centres", torch.stack(grids) if grids else torch.zeros(0, num_linear))
         log_low, log_high = math.log(log_range[0]), math.log(log_range[1])
         self.log_floor = float(log_range[0]) * 1e-3
         self.log_width = (log_high - log_low) / (num_log - 1)
-        self.register_buffer("log_centres", torch.linspace(log_low, log_high, num_log), persistent=False)
+        self.register_buffer("log_centres", torch.linspace(log_low, log_high, num_log))
         num_features = len(grids) * num_linear + num_log + 1
         self.projection = nn.Linear(num_features, n_embd)
 
