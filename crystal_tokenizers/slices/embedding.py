@@ -60,8 +60,13 @@ class EmbeddingParams:
     """Weight of the volume term (volume relative to the sum of covalent-sphere volumes)."""
     angle_weight: float = 1.0
     """Weight of the one-sided term keeping two neighbours of an atom at least the polyhedron's angle apart."""
-    angle_slack: float = 0.9
+    angle_slack: float = 1.0
     """Fraction of the ideal polyhedron's smallest bond angle that neighbour pairs must keep."""
+    refinements: int = 1
+    """Re-optimisations with the bond band and gaps of ``_Objective.tighten`` (0 disables them)."""
+    band_factor: float = 1.06
+    gap_factor: float = 1.15
+    band_weight: float = 4.0
     max_iterations: int = 400
     time_limit_s: float = 10.0
     seed: int = 0
@@ -242,13 +247,32 @@ class _Objective:
         shortest = np.full(n, np.inf)
         np.minimum.at(shortest, self.pairs[:, 0], self.targets)
         np.minimum.at(shortest, self.pairs[:, 1], self.targets)
-        self.rmin = params.repulsion_factor * np.maximum(shortest[iu], shortest[ju])
+        self.rmin_static = params.repulsion_factor * np.maximum(shortest[iu], shortest[ju])
+        self.rmin = self.rmin_static.copy()
+        self.band = np.full(len(self.pairs), np.inf)  # upper bound of each bond length (Å)
         self.exclude = np.zeros((len(iu), len(_IMAGES)), dtype=bool)
         self.exclude[iu == ju, _ZERO_IMAGE] = True
         radii = np.array([bond_radius(s) for s in graph.species])
         self.volume0 = float(np.sum(4.0 / 3.0 * np.pi * radii**3))
         self.loops = self.pairs[:, 0] == self.pairs[:, 1]
         self.angle_pairs, self.angle_offsets, self.angle_minima = neighbour_pairs(graph, self.targets, params.angle_slack)
+
+    def tighten(self, x: np.ndarray) -> None:
+        """Set the bond band and repulsion radii from the current shortest bond of every atom.
+
+        Mirrors the MinimumDistanceNN rule: atoms i, j are bonded iff their distance is at most
+        (1 + tol) max(m_i, m_j), ``m`` being each atom's shortest distance. Bonds are kept below
+        ``band_factor`` M and non-bonded pairs pushed beyond ``gap_factor`` M.
+        """
+        lat = self.lattice(x)
+        frac = x[6:].reshape(self.n, 3)
+        i, j = self.pairs[:, 0], self.pairs[:, 1]
+        length = np.linalg.norm((frac[j] - frac[i] + self.offsets) @ lat, axis=1)
+        shortest = np.full(self.n, np.inf)
+        np.minimum.at(shortest, i, length)
+        np.minimum.at(shortest, j, length)
+        self.band = self.params.band_factor * np.maximum(shortest[i], shortest[j])
+        self.rmin = np.maximum(self.rmin_static, self.params.gap_factor * np.maximum(shortest[self.pi], shortest[self.pj]))
 
     @staticmethod
     def lattice(x: np.ndarray) -> np.ndarray:
@@ -282,8 +306,9 @@ class _Objective:
         cart = delta @ lat
         length = np.linalg.norm(cart, axis=1) + 1e-12
         resid = (length - self.targets) / self.targets
-        energy = float(np.sum(resid**2))
-        g_cart = (2 * resid / self.targets / length)[:, None] * cart
+        excess = np.maximum(length - self.band, 0.0) / self.targets
+        energy = float(np.sum(resid**2) + self.params.band_weight * np.sum(excess**2))
+        g_cart = ((2 * resid + 2 * self.params.band_weight * excess) / self.targets / length)[:, None] * cart
         # neighbours of one atom kept apart (bond angles)
         ai, aj = self.angle_pairs[:, 0], self.angle_pairs[:, 1]
         adelta = frac[aj] - frac[ai] + self.angle_offsets
@@ -558,9 +583,11 @@ def embed(
             frac, metric = symmetrize(frac, metric, symops, actions)
         lat0 = np.linalg.cholesky(metric)
         x0 = np.concatenate([lat0[np.tril_indices(3)], frac.ravel()])
-        result = minimize(
-            objective, x0, jac=True, method="L-BFGS-B", options={"maxiter": params.max_iterations}
-        )
+        options = {"maxiter": params.max_iterations}
+        result = minimize(objective, x0, jac=True, method="L-BFGS-B", options=options)
+        for _ in range(params.refinements):
+            objective.tighten(result.x)
+            result = minimize(objective, result.x, jac=True, method="L-BFGS-B", options=options)
         lat = _Objective.lattice(result.x)
         frac = result.x[6:].reshape(-1, 3)
         if symops:
