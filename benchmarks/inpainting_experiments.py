@@ -1,0 +1,314 @@
+"""The CrystalMLM experiments of Liu et al. (arXiv:2312.14485) on MP-20 rows, small enough for a CPU.
+
+Stages (each a training run through ``training.loop.train`` with the configs in ``training/configs``;
+they need the loop's objective hook, see ``training/adversarial.py``):
+
+    prepare      mp_20/train.csv (split train) + mp_20/val.csv (split validation) -> a prepared dataset, and a
+                 copy whose train split holds the cubic crystals only (the non-cubic rows become its test split)
+    pretrain     masked species + noisy coordinates (crystal_mlm_small.yaml)
+    stability    on-hull classifier (e_above_hull == 0) from the pre-trained backbone, cubic crystals only
+    gan          adversarial fine-tuning, critic initialised from the stability classifier
+    property     formation-energy regression head, pre-trained backbone vs from scratch (validation MAE)
+    evaluate     stability accuracy per crystal system; the reconstruction table (mask types α β γ × σ̃)
+
+    python benchmarks/inpainting_experiments.py all --work outputs/inpainting --pretrain-steps 800
+
+Mask types: α masks every orbit of the crystal's element that is most frequent in the training set
+(number of training crystals containing it), β its least frequent element, γ 30 % of the orbits at
+random; σ̃ is the coordinate noise (× the shortest lattice edge). Metrics of the top-1 completion over
+all validation crystals: structural validity (all distances > 0.5 Å), SMACT compositional validity,
+composition reconstruction (the completed composition equals the original) and a StructureMatcher
+match (pymatgen defaults) to the original structure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _machine import machine_line  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data" / "mp_20"
+CONFIGS = ROOT / "training" / "configs"
+MASK_TYPES = ("alpha", "beta", "gamma")
+NOISE_LEVELS = (0.1, 0.2)
+
+
+def train_stage(config_name: str, **overrides: Any) -> dict[str, Any]:
+    """Run one training config with dotted-key overrides; returns the run's metrics and wall time (s)."""
+    from training.loop import TrainConfig, train
+
+    raw = yaml.safe_load((CONFIGS / config_name).read_text())
+    for key, value in overrides.items():
+        node = raw
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    start = time.perf_counter()
+    result = train(TrainConfig.from_dict(raw))
+    return {"steps": result.steps, "wall_s": time.perf_counter() - start, **result.metrics}
+
+
+def prepare(work: Path) -> None:
+    """The two prepared datasets (all rows; cubic-only training split)."""
+    import pandas as pd
+
+    from training.data import load_split, prepare_dataset, write_shards
+
+    train_rows, val_rows = pd.read_csv(SHARED / "train.csv"), pd.read_csv(SHARED / "val.csv")
+    table = pd.concat([train_rows.assign(split="train"), val_rows.assign(split="validation")])
+    table = table.drop(columns=[c for c in table.columns if c.startswith("Unnamed")])
+    work.mkdir(parents=True, exist_ok=True)
+    table.to_csv(work / "mp20_rows.csv", index=False)
+    report = prepare_dataset(work / "mp20_rows.csv", work / "data" / "mp20")
+    print(f"prepared {report.split_counts}, failures {report.failures_by_type}")
+    train_split = load_split(work / "data" / "mp20", "train")
+    cubic_dir = work / "data" / "mp20_cubic" / "data"
+    write_shards(train_split.filter(lambda r: r["crystal_system"] == "cubic"), cubic_dir, "train", 50_000)
+    write_shards(load_split(work / "data" / "mp20", "validation"), cubic_dir, "validation", 50_000)
+    write_shards(train_split.filter(lambda r: r["crystal_system"] != "cubic"), cubic_dir, "test", 50_000)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stability classifier
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_labels(model_dir: Path, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """Predicted class ids of a saved sequence classifier for token texts."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start:start + batch_size], padding=True, return_tensors="pt")
+        out.append(model(**encoded).logits.argmax(dim=-1).numpy())
+    return np.concatenate(out)
+
+
+def stability_accuracy(model_dir: Path, data_dir: Path) -> dict[str, dict[str, Any]]:
+    """On-hull accuracy per crystal system on the validation rows and on the unseen non-cubic training rows."""
+    from training.data import load_split
+
+    report: dict[str, dict[str, Any]] = {}
+    for split in ("validation", "test"):
+        rows = load_split(data_dir, split)
+        truth = np.array([float(p["e_above_hull"]) <= 0.0 for p in rows["properties"]])
+        predicted = predict_labels(model_dir, rows["text"]).astype(bool)
+        systems = np.array(rows["crystal_system"])
+        per_system = {
+            system: {"n": int((systems == system).sum()), "accuracy": float((predicted == truth)[systems == system].mean())}
+            for system in sorted(set(systems))
+        }
+        per_system["all"] = {"n": len(truth), "accuracy": float((predicted == truth).mean()),
+                             "on_hull_fraction": float(truth.mean())}
+        report[split] = per_system
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Reconstruction table
+# --------------------------------------------------------------------------------------------------
+
+
+def element_frequency(texts: list[str], tokenizer: Any) -> Counter:
+    """Number of training crystals containing each element."""
+    from crystal_tokenizers.wyckoff.masking import element_positions
+
+    counts: Counter = Counter()
+    for text in texts:
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"])
+        counts.update({tokens[i] for i in element_positions(tokens)})
+    return counts
+
+
+def mask_requests(texts: list[str], tokenizer: Any, mask_type: str, noise: float, frequency: Counter, seed: int) -> list[Any]:
+    """One inpainting request per crystal for mask type α (frequent element), β (rare element) or γ (30 %)."""
+    from crystal_tokenizers.wyckoff.masking import EVAL_MASK_FRACTION, element_positions
+    from training.inpaint import plan_request
+
+    rng = np.random.default_rng(seed)
+    requests = []
+    for text in texts:
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"])
+        elements = sorted({tokens[i] for i in element_positions(tokens)})
+        if mask_type == "gamma":
+            requests.append(plan_request(text, tokenizer, mask_fraction=EVAL_MASK_FRACTION, noise=noise, rng=rng))
+            continue
+        chooser = max if mask_type == "alpha" else min
+        element = chooser(elements, key=lambda e: (frequency[e], e))
+        requests.append(plan_request(text, tokenizer, mask_element=element, noise=noise, rng=rng))
+    return requests
+
+
+def reconstruction_metrics(model_dir: Path, texts: list[str], frequency: Counter, seed: int = 0) -> dict[str, dict[str, float]]:
+    """The α/β/γ × σ̃ table of one generator (top-1 completion of every crystal)."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from training.evaluate import is_compositionally_valid, is_structurally_valid
+    from training.inpaint import inpaint_requests, load_inpainting_model
+
+    model, tokenizer = load_inpainting_model(model_dir)
+    originals = [tokenizer.string_to_structure(text) for text in texts]
+    matcher = StructureMatcher()
+    table: dict[str, dict[str, float]] = {}
+    for mask_type in MASK_TYPES:
+        for noise in NOISE_LEVELS:
+            requests = mask_requests(texts, tokenizer, mask_type, noise, frequency, seed)
+            start = time.perf_counter()
+            results = inpaint_requests(model, tokenizer, requests, top_k=1, seed=seed)
+            seconds = time.perf_counter() - start
+            hits = Counter()
+            for result, original in zip(results, originals):
+                if not result.completions:
+                    continue
+                structure = result.completions[0].structure
+                hits["decoded"] += 1
+                hits["structural"] += is_structurally_valid(structure)
+                hits["compositional"] += is_compositionally_valid(structure.composition)
+                hits["composition"] += structure.composition.almost_equals(original.composition)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    hits["match"] += bool(matcher.fit(structure, original))
+            n = len(texts)
+            table[f"{mask_type} σ̃={noise}"] = {key: hits[key] / n for key in ("decoded", "structural", "compositional", "composition", "match")}
+            table[f"{mask_type} σ̃={noise}"]["inpaint_s"] = seconds
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# Property fine-tuning
+# --------------------------------------------------------------------------------------------------
+
+
+def property_mae(model_dir: Path, data_dir: Path, mean: float, std: float, name: str) -> float:
+    """Validation MAE (property units) of a saved regression head trained on standardised targets."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from training.data import load_split
+
+    rows = load_split(data_dir, "validation")
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+    with torch.no_grad():
+        encoded = tokenizer(rows["text"], padding=True, return_tensors="pt")
+        predicted = model(**encoded).logits[:, 0].numpy() * std + mean
+    truth = np.array([float(p[name]) for p in rows["properties"]])
+    return float(np.abs(predicted - truth).mean())
+
+
+def property_experiment(work: Path, steps: int, name: str = "formation_energy_per_atom") -> dict[str, Any]:
+    """Regression head from the pre-trained backbone vs from scratch, same steps and data."""
+    from training.data import load_split
+
+    data_dir = work / "data" / "mp20"
+    values = np.array([float(p[name]) for p in load_split(data_dir, "train")["properties"]])
+    mean, std = float(values.mean()), float(values.std())
+    task = {"property": name, "type": "regression", "mean": mean, "std": std}
+    common = {"data.path": str(data_dir), "task": task, "loop.max_steps": steps, "loop.micro_batch_size": 16,
+              "eval.every_steps": steps, "checkpoint.every_steps": steps, "optim.lr": 3e-4}
+    report: dict[str, Any] = {"property": name, "train_mean": mean, "train_std": std,
+                              "baseline_mae_predict_mean": float(np.abs(
+                                  np.array([float(p[name]) for p in load_split(data_dir, "validation")["properties"]]) - mean).mean())}
+    pretrained = train_stage("crystal_mlm_stability.yaml", output_dir=str(work / "property_pretrained"),
+                             **{"model.pretrained": str(work / "pretrain" / "final"), "model.config": {"num_labels": 1}}, **common)
+    scratch_config = yaml.safe_load((CONFIGS / "crystal_mlm_small.yaml").read_text())["model"]["config"]
+    scratch = train_stage("crystal_mlm_stability.yaml", output_dir=str(work / "property_scratch"),
+                          **{"model.pretrained": None, "model.config": {**scratch_config, "num_labels": 1}}, **common)
+    report["pretrained"] = {"mae": property_mae(work / "property_pretrained" / "final", data_dir, mean, std, name), **pretrained}
+    report["scratch"] = {"mae": property_mae(work / "property_scratch" / "final", data_dir, mean, std, name), **scratch}
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+
+
+def _markdown_table(tables: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = ["| mask, σ̃ | model | decoded | struct. valid | SMACT valid | composition acc. | match |",
+             "|---|---|---|---|---|---|---|"]
+    first = next(iter(tables.values()))
+    for setting in first:
+        for model_name, table in tables.items():
+            row = table[setting]
+            lines.append(f"| {setting} | {model_name} | {row['decoded']:.3f} | {row['structural']:.3f} | "
+                         f"{row['compositional']:.3f} | {row['composition']:.3f} | {row['match']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=("prepare", "pretrain", "stability", "gan", "property", "evaluate", "all"))
+    parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "inpainting")
+    parser.add_argument("--pretrain-steps", type=int, default=800)
+    parser.add_argument("--stability-steps", type=int, default=300)
+    parser.add_argument("--gan-steps", type=int, default=150)
+    parser.add_argument("--property-steps", type=int, default=300)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(machine_line())
+    if not SHARED.exists():
+        print(f"skipped: {SHARED} is absent (the experiments use the shared MP-20 rows)")
+        return 0
+    work = args.work
+    data, cubic = work / "data" / "mp20", work / "data" / "mp20_cubic"
+    small = {"loop.micro_batch_size": 16}
+    log: dict[str, Any] = {}
+    stages = [args.stage] if args.stage != "all" else ["prepare", "pretrain", "stability", "gan", "property", "evaluate"]
+    if "prepare" in stages:
+        prepare(work)
+    if "pretrain" in stages:
+        log["pretrain"] = train_stage("crystal_mlm_small.yaml", output_dir=str(work / "pretrain"), **small, **{
+            "data.path": str(data), "loop.max_steps": args.pretrain_steps, "eval.every_steps": args.pretrain_steps,
+            "checkpoint.every_steps": args.pretrain_steps})
+    if "stability" in stages:
+        log["stability"] = train_stage("crystal_mlm_stability.yaml", output_dir=str(work / "stability"), **small, **{
+            "data.path": str(cubic), "model.pretrained": str(work / "pretrain" / "final"),
+            "loop.max_steps": args.stability_steps})
+    if "gan" in stages:
+        log["gan"] = train_stage("crystal_mlm_gan.yaml", output_dir=str(work / "gan"), **small, **{
+            "data.path": str(data), "model.pretrained": str(work / "pretrain" / "final"),
+            "gan.discriminator": str(work / "stability" / "final"), "loop.max_steps": args.gan_steps,
+            "eval.every_steps": args.gan_steps, "checkpoint.every_steps": args.gan_steps})
+    if "property" in stages:
+        log["property"] = property_experiment(work, args.property_steps)
+    if "evaluate" in stages:
+        from training.data import load_split
+        from training.inpaint import load_inpainting_model
+
+        log["stability_accuracy"] = stability_accuracy(work / "stability" / "final", cubic)
+        _, tokenizer = load_inpainting_model(work / "pretrain" / "final")
+        frequency = element_frequency(load_split(data, "train")["text"], tokenizer)
+        texts = load_split(data, "validation")["text"]
+        tables = {name: reconstruction_metrics(work / name / "final", texts, frequency)
+                  for name in ("pretrain", "gan")}
+        log["reconstruction"] = tables
+        print(f"validation rows: {SHARED / 'val.csv'} ({len(texts)} crystals)")
+        print(_markdown_table({"pre-trained": tables["pretrain"], "adversarial": tables["gan"]}))
+        print(json.dumps(log["stability_accuracy"], indent=1))
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / f"experiments_{args.stage}.json", "w") as handle:
+        json.dump(log, handle, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))
+    print(json.dumps({k: v for k, v in log.items() if k != "reconstruction"}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
