@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 from pymatgen.analysis.structure_matcher import StructureMatcher
 
-from training.evaluate import chgnet_energy_per_atom, evaluate_structures, read_structures
+from training.evaluate import chgnet_energy_per_atom, evaluate_structures
+from training.io import read_structures
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mp_20" / "train.csv"
 TARGET_S = 120.0

@@ -43,7 +43,7 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
-    structures = read_structures(args.csv, limit=args.limit).structures
+    structures = read_structures(args.csv, limit=args.limit).parsed()[1]
     tokenizer = WyckoffTokenizer()
     cells = [(s.lattice.matrix, s.frac_coords, s.atomic_numbers) for s in structures]
     texts = [tokenizer.structure_to_string(s) for s in structures]  # warm-up + inputs for decoding

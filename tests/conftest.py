@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from training.io import structure_from_cif
+from training.io import parse_cif
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -31,4 +31,4 @@ def sample_table() -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def sample_structures(sample_table):
     """The first 150 crystals of the bundled sample as pymatgen Structures."""
-    return [structure_from_cif(cif) for cif in sample_table.cif[:150]]
+    return [parse_cif(cif) for cif in sample_table.cif[:150]]

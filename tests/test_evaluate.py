@@ -23,10 +23,10 @@ from training.evaluate import (
     is_novel,
     is_structurally_valid,
     normalize_crystal_system,
-    read_structures,
     spacegroup_number,
     write_report,
 )
+from training.io import read_structures
 
 SAMPLE = Path(__file__).resolve().parents[1] / "crystal_tokenizers" / "data" / "mp20_sample.csv"
 

@@ -41,10 +41,9 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-import pandas as pd
 import spglib
 from pymatgen.analysis.phase_diagram import PhaseDiagram
 from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -53,7 +52,7 @@ from pymatgen.entries.computed_entries import ComputedEntry
 from scipy.stats import wasserstein_distance
 from smact.screening import smact_validity as _smact_validity
 
-from crystal_tokenizers.errors import DisorderedStructureError
+from training.io import ProgressFn, no_progress
 
 logger = logging.getLogger(__name__)
 
@@ -88,80 +87,6 @@ PropertyPredictor = Callable[[Sequence[Structure]], np.ndarray]
 """A function from structures to one predicted value per structure (in the property's units)."""
 EnergyModel = Callable[[Sequence[Structure]], np.ndarray]
 """A function from structures to energies in eV/atom (NaN where the model fails)."""
-
-
-class ProgressFn(Protocol):
-    """Wraps an iterable to report progress (``functools.partial(tqdm, file=sys.stderr)`` fits)."""
-
-    def __call__(self, iterable: Iterable[_T], *, desc: str, total: int) -> Iterable[_T]: ...
-
-
-def _no_progress(iterable: Iterable[_T], *, desc: str, total: int) -> Iterable[_T]:
-    return iterable
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading inputs
-
-
-@dataclass(frozen=True)
-class StructureSet:
-    """Structures read from a CIF folder or CSV; ``structures[i]`` is None where ``errors[i]`` says why."""
-
-    ids: tuple[str, ...]
-    structures: tuple[Structure | None, ...]
-    errors: tuple[str | None, ...]
-    columns: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-
-
-def parse_cif(text: str) -> Structure:
-    """Parse one ordered crystal from CIF text; raise ``DisorderedStructureError`` for partial occupancy."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        structure = Structure.from_str(text, fmt="cif")
-    if not structure.is_ordered:
-        raise DisorderedStructureError(f"{structure.formula}: partial occupancies are not a generated crystal")
-    return structure
-
-
-def _parse_all(texts: Sequence[str], progress: ProgressFn) -> tuple[list[Structure | None], list[str | None]]:
-    structures: list[Structure | None] = []
-    errors: list[str | None] = []
-    for text in progress(texts, desc="parse", total=len(texts)):
-        try:
-            structures.append(parse_cif(text))
-            errors.append(None)
-        except Exception as err:  # noqa: BLE001 - any parser failure is one bad item, counted by type
-            structures.append(None)
-            errors.append(type(err).__name__)
-    return structures, errors
-
-
-def read_structures(
-    path: str | Path, cif_column: str = "cif", id_column: str = "material_id", progress: ProgressFn | None = None
-) -> StructureSet:
-    """Read a folder of ``*.cif`` files, one CIF file, or a CSV with a CIF column; bad CIFs are recorded, never raised.
-
-    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for a CSV without ``cif_column``.
-    """
-    path = Path(path)
-    progress = progress or _no_progress
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such CIF folder or CSV file")
-    if path.is_dir() or path.suffix.lower() == ".cif":
-        files = sorted(path.glob("*.cif")) if path.is_dir() else [path]
-        structures, errors = _parse_all([f.read_text(errors="replace") for f in files], progress)
-        return StructureSet(tuple(f.stem for f in files), tuple(structures), tuple(errors))
-    table = pd.read_csv(path)
-    if cif_column not in table.columns:
-        raise ValueError(f"{path}: no column {cif_column!r} (columns: {', '.join(map(str, table.columns))})")
-    texts = [text if isinstance(text, str) else "" for text in table[cif_column]]
-    structures, errors = _parse_all(texts, progress)
-    ids = table[id_column].astype(str) if id_column in table.columns else pd.Series(range(len(table))).astype(str)
-    columns = {
-        str(name): tuple(None if pd.isna(v) else v for v in table[name]) for name in table.columns if name != cif_column
-    }
-    return StructureSet(tuple(ids), tuple(structures), tuple(errors), columns)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -549,7 +474,7 @@ def evaluate_structures(
     ``reference_formation_energies`` (eV/atom, one per reference entry) complete missing elemental hull
     terminals through ``fit_elemental_energies``.
     """
-    progress = progress or _no_progress
+    progress = progress or no_progress
     targets = dict(targets or {})
     predictors = dict(predictors or {})
     matcher = matcher or StructureMatcher()

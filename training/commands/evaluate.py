@@ -30,9 +30,9 @@ from training.evaluate import (
     PropertyPredictor,
     chgnet_energy_per_atom,
     evaluate_structures,
-    read_structures,
     write_report,
 )
+from training.io import read_structures
 
 HELP = "Evaluate generated crystals: validity, uniqueness, novelty, symmetry, property targets, stability."
 

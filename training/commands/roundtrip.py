@@ -30,15 +30,18 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {"symprec": args.symprec} if args.symprec is not None else {}
     tokenizer = load_tokenizer(args.tokenizer, **kwargs)
     loaded = read_structures(args.file, cif_column=args.cif_column, limit=args.limit)
+    ids, structures = loaded.parsed()
+    parse_errors = [error for error in loaded.errors if error is not None]
 
     def progress(items):
         return tqdm(items, total=len(items), file=sys.stderr, desc="round trip", leave=False)
 
-    report = round_trip(tokenizer, loaded.structures, ids=loaded.ids, progress=progress)
+    report = round_trip(tokenizer, structures, ids=ids, progress=progress)
     result = report.to_dict()
-    if loaded.parse_errors:
-        result["n"] += len(loaded.parse_errors)
-        result["errors"]["CifParseError"] = len(loaded.parse_errors)
+    if parse_errors:
+        result["n"] += len(parse_errors)
+        for error in parse_errors:
+            result["errors"][error] = result["errors"].get(error, 0) + 1
         result["match_rate"] = result["matched"] / result["n"]
         if "graph_matched" in result:
             result["graph_match_rate"] = result["graph_matched"] / result["n"]
