@@ -175,6 +175,12 @@ class WyckoffGPTPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, (WyckoffGPTAttention, WyckoffGPTMLP)):
             init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        if isinstance(module, GaussianValueEmbedding):  # constant buffers: rebuilt, never learned
+            linear_centres, log_centres = module.centre_grids()
+            init.copy_(module.linear_centres, linear_centres)
+            init.copy_(module.log_centres, log_centres)
+        if isinstance(module, WyckoffGPTForCausalLM):
+            init.copy_(module.kind_of_token, kind_lookup(self.config)[1])
 
 
 class WyckoffGPTModel(WyckoffGPTPreTrainedModel):

@@ -92,15 +92,22 @@ class GaussianValueEmbedding(nn.Module):
             raise ValueError(f"need at least 2 centres per grid, got num_linear={num_linear}, num_log={num_log}")
         if not 0 < log_range[0] < log_range[1]:
             raise ValueError(f"log_range must satisfy 0 < low < high, got {tuple(log_range)}")
-        grids = [torch.linspace(float(low), float(high), num_linear) for low, high in linear_ranges]
-        self.linear_widths = tuple((float(high) - float(low)) / (num_linear - 1) for low, high in linear_ranges)
-        self.register_buffer("linear_centres", torch.stack(grids) if grids else torch.zeros(0, num_linear))
-        log_low, log_high = math.log(log_range[0]), math.log(log_range[1])
+        self.linear_ranges = tuple((float(low), float(high)) for low, high in linear_ranges)
+        self.num_linear, self.num_log = num_linear, num_log
+        self.log_bounds = (math.log(log_range[0]), math.log(log_range[1]))
+        self.linear_widths = tuple((high - low) / (num_linear - 1) for low, high in self.linear_ranges)
         self.log_floor = float(log_range[0]) * 1e-3
-        self.log_width = (log_high - log_low) / (num_log - 1)
-        self.register_buffer("log_centres", torch.linspace(log_low, log_high, num_log))
-        num_features = len(grids) * num_linear + num_log + 1
-        self.projection = nn.Linear(num_features, n_embd)
+        self.log_width = (self.log_bounds[1] - self.log_bounds[0]) / (num_log - 1)
+        linear_centres, log_centres = self.centre_grids()
+        self.register_buffer("linear_centres", linear_centres)
+        self.register_buffer("log_centres", log_centres)
+        self.projection = nn.Linear(len(self.linear_ranges) * num_linear + num_log + 1, n_embd)
+
+    def centre_grids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centres of the linear grids (G, num_linear) and of the log grid (num_log,), from the constructor arguments."""
+        grids = [torch.linspace(low, high, self.num_linear) for low, high in self.linear_ranges]
+        linear = torch.stack(grids) if grids else torch.zeros(0, self.num_linear)
+        return linear, torch.linspace(*self.log_bounds, self.num_log)
 
     def features(self, values: torch.Tensor) -> torch.Tensor:
         """The concatenated expansion (..., num_features) of ``values`` (float32)."""

@@ -214,3 +214,36 @@ print(json.dumps({{"cls": type(model).__module__, "decoded": sum(s.structure is 
     assert report["decoded"] == 8
     assert report["cls"].startswith("transformers_modules")  # loaded from the saved folder's code
     assert (tmp_path / "modeling_wyckoff_gpt.py").exists() and (tmp_path / "configuration_wyckoff_gpt.py").exists()
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_model(tokenizer, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wyckoff_gpt")
+    tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_generate_command_writes_cifs_and_counts(saved_tiny_model, tmp_path, capsys):
+    from training.cli import main
+
+    out = tmp_path / "cifs"
+    code = main(["generate", "--model", str(saved_tiny_model), "--n", "6", "--crystal-system", "cubic",
+                 "--batch-size", "3", "--out", str(out), "--json"])
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0
+    assert counts["sampled"] == counts["decoded"] == 6
+    assert 0 <= counts["valid"] <= 6
+    assert len(list(out.glob("*.cif"))) == 6
+
+
+def test_csp_command_with_template_keeps_the_template(saved_tiny_model, capsys):
+    from training.cli import main
+
+    code = main(["csp", str(SAMPLE_CSV), "--model", str(saved_tiny_model), "--template", "--samples", "2",
+                 "--limit", "3", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0
+    assert result["n_crystals"] == 3 and result["n_samples"] == 6
+    assert result["n_decoded_samples"] == 6  # composition + template + grammar: every sample decodes
+    assert 0.0 <= result["match_rate"] <= 1.0
