@@ -20,9 +20,8 @@ from typing import Any
 
 HELP = "End-to-end demo: prepare the bundled MP-20 sample, train a small WyckoffGPT, generate 200 crystals, evaluate"
 
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_CSV = _PACKAGE_ROOT / "crystal_tokenizers" / "data" / "mp20_sample.csv"
-DEMO_CONFIG = _PACKAGE_ROOT / "training" / "configs" / "wyckoff_gpt_small.yaml"
+SAMPLE_CSV = Path(__file__).resolve().parents[2] / "crystal_tokenizers" / "data" / "mp20_sample.csv"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "wyckoff_gpt_small.yaml"
 DEMO_REPO_ID = "crystal-lm/wyckoff-gpt-mp20-sample-demo"
 
 
