@@ -26,9 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
 
+from fractions import Fraction
+
 import numpy as np
 from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
 from pymatgen.core import Element, Lattice, Structure
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 from scipy.optimize import minimize
 
 from crystal_tokenizers.errors import DecodeTimeoutError, EmbeddingError, SymmetryMismatchError
@@ -45,6 +48,8 @@ _ZERO_IMAGE = 13  # index of (0, 0, 0) in _IMAGES
 _COLLISION = 1e-3  # fractional distance below which two barycentric nodes coincide
 _SMALLEST_ANGLE_DEG = {2: 120.0, 3: 120.0, 4: 109.47, 5: 90.0, 6: 90.0, 7: 72.0, 8: 70.53, 9: 66.0, 10: 64.0}
 """Smallest bond angle of the ideal coordination polyhedron by coordination number (60° beyond)."""
+_NET_SYMPRECS = (0.01,)  # Å, tolerance for the exact symmetry of a barycentric placement
+_DETECT_SYMPRECS = (0.3, 0.1, 0.03)  # Å, tolerances tried when reading the symmetry of a plain-SLICES decode
 _MAX_AUTOMORPHISM_STEPS = 500
 _SYMMETRY_SEARCH_S = 1.0  # time budget of the backtracking automorphism searches per decode
 
@@ -62,10 +67,12 @@ class EmbeddingParams:
     """Weight of the one-sided term keeping two neighbours of an atom at least the polyhedron's angle apart."""
     angle_slack: float = 1.0
     """Fraction of the ideal polyhedron's smallest bond angle that neighbour pairs must keep."""
+    detect_symmetry: bool = True
+    """Without decoded operations, impose the graph-consistent symmetry found in the optimised crystal."""
     refinements: int = 1
     """Re-optimisations with the bond band and gaps of ``_Objective.tighten`` (0 disables them)."""
-    band_factor: float = 1.06
-    gap_factor: float = 1.15
+    band_factor: float = 1.04
+    gap_factor: float = 1.2
     band_weight: float = 4.0
     max_iterations: int = 400
     time_limit_s: float = 10.0
@@ -222,7 +229,7 @@ def initial_metric(graph: CrystalGraph, frac: np.ndarray, targets: np.ndarray, v
     )
     side2 = volume ** (2 / 3)
     prior = np.array([side2, side2, side2, 0.0, 0.0, 0.0])
-    lam = 1e-3 * max(1.0, float(np.mean(targets**2)))
+    lam = 1e-6 * max(1.0, float(np.mean(targets**2)))
     lhs = np.vstack([design, lam * np.eye(6) / side2])
     rhs = np.concatenate([targets**2, lam * prior / side2])
     g = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
@@ -255,6 +262,7 @@ class _Objective:
         radii = np.array([bond_radius(s) for s in graph.species])
         self.volume0 = float(np.sum(4.0 / 3.0 * np.pi * radii**3))
         self.loops = self.pairs[:, 0] == self.pairs[:, 1]
+        self.symmetry: tuple[np.ndarray, np.ndarray] | None = None  # (rotations K x 3 x 3, permutations K x n)
         self.angle_pairs, self.angle_offsets, self.angle_minima = neighbour_pairs(graph, self.targets, params.angle_slack)
 
     def tighten(self, x: np.ndarray) -> None:
@@ -349,6 +357,9 @@ class _Objective:
         g_rdelta = (g_rcart @ lat.T).sum(axis=1)
         np.add.at(grad_frac, self.pj, g_rdelta)
         np.add.at(grad_frac, self.pi, -g_rdelta)
+        if self.symmetry is not None:  # stay in the symmetric subspace: g_i <- mean_k R_k^T g_sigma_k(i)
+            rotations, sigmas = self.symmetry
+            grad_frac = np.mean(np.einsum("kni,kij->knj", grad_frac[sigmas], rotations), axis=0)
         grad = np.concatenate([grad_lat[np.tril_indices(3)], grad_frac.ravel()])
         return energy, grad
 
@@ -543,6 +554,50 @@ def _close_under_products(found: dict[bytes, tuple[list[int], np.ndarray]], want
                 grew = True
 
 
+def _action_from_geometry(
+    graph: CrystalGraph, frac: np.ndarray, lat: np.ndarray, rotation: np.ndarray, translation: np.ndarray, tol: float
+) -> tuple[list[int], np.ndarray] | None:
+    """Node permutation and shifts of an operation read off positions (within ``tol`` Å), if it maps the graph."""
+    species = np.array(graph.species)
+    moved = frac @ rotation.T + translation
+    diff = moved[:, None, :] - frac[None, :, :]
+    lattice_part = np.round(diff)
+    dist = np.linalg.norm((diff - lattice_part) @ lat, axis=-1)
+    dist[species[:, None] != species[None, :]] = np.inf
+    sigma = np.argmin(dist, axis=1)
+    rows = np.arange(len(sigma))
+    if np.max(dist[rows, sigma]) > tol or len(set(sigma.tolist())) != len(sigma):
+        return None
+    shifts = lattice_part[rows, sigma].astype(int)
+    return (sigma.tolist(), shifts) if _maps_edges(graph, rotation, sigma, shifts) else None
+
+
+def detect_symmetry(
+    graph: CrystalGraph, frac: np.ndarray, lat: np.ndarray, symprecs: Sequence[float] = _DETECT_SYMPRECS
+) -> tuple[tuple[SymOp, ...], list[tuple[list[int], np.ndarray]]]:
+    """Operations of a decoded crystal (spglib, loosest tolerance first) that are also graph automorphisms.
+
+    Used for plain SLICES, whose strings carry no operations: the net's own symmetry, blurred by the
+    repair of collapsed placements, is found and then imposed exactly.
+    """
+    structure = Structure(Lattice(lat), list(graph.species), frac)
+    for symprec in symprecs:
+        try:
+            ops = SpacegroupAnalyzer(structure, symprec=symprec).get_symmetry_operations()
+        except (TypeError, ValueError):
+            continue
+        found = []
+        for op in ops:
+            rotation = np.round(op.rotation_matrix).astype(int)
+            action = _action_from_geometry(graph, frac, lat, rotation, op.translation_vector, 2 * symprec)
+            if action is None:
+                break
+            found.append((SymOp(tuple(map(tuple, rotation.tolist())), (Fraction(0),) * 3), action))  # type: ignore[arg-type]
+        else:
+            return tuple(op for op, _ in found), [action for _, action in found]
+    return (), []
+
+
 def symmetrize(
     frac: np.ndarray, metric: np.ndarray, symops: Sequence[SymOp], actions: Sequence[tuple[list[int], np.ndarray]]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -579,8 +634,14 @@ def embed(
         frac = initial_positions(graph, rng)
         objective = _Objective(graph, params, deadline)
         metric = initial_metric(graph, frac, objective.targets, 1.5 * objective.volume0)
+        if not symops and params.detect_symmetry:  # plain SLICES: the net's own symmetry
+            symops, actions = detect_symmetry(graph, frac, np.linalg.cholesky(metric), _NET_SYMPRECS)
         if symops:
             frac, metric = symmetrize(frac, metric, symops, actions)
+            objective.symmetry = (
+                np.array([op.matrices()[0] for op in symops], dtype=float),
+                np.array([sigma for sigma, _ in actions], dtype=int),
+            )
         lat0 = np.linalg.cholesky(metric)
         x0 = np.concatenate([lat0[np.tril_indices(3)], frac.ravel()])
         options = {"maxiter": params.max_iterations}
@@ -590,6 +651,15 @@ def embed(
             result = minimize(objective, result.x, jac=True, method="L-BFGS-B", options=options)
         lat = _Objective.lattice(result.x)
         frac = result.x[6:].reshape(-1, 3)
+        if not symops and params.detect_symmetry:
+            symops, actions = detect_symmetry(graph, frac, lat)
+            if len(symops) > 1:
+                frac, metric = symmetrize(frac, lat @ lat.T, symops, actions)
+                lat = np.linalg.cholesky(metric)
+                x = np.concatenate([lat[np.tril_indices(3)], frac.ravel()])
+                result = minimize(objective, x, jac=True, method="L-BFGS-B", options=options)
+                lat = _Objective.lattice(result.x)
+                frac = result.x[6:].reshape(-1, 3)
         if symops:
             frac, metric = symmetrize(frac, lat @ lat.T, symops, actions)
             lat = np.linalg.cholesky(metric)
