@@ -21,6 +21,7 @@ Every decode is time-boxed (``DecodeTimeoutError``), so fuzzed graphs end in an 
 from __future__ import annotations
 
 import logging
+import warnings
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,7 +97,9 @@ def covalent_radius(symbol: str) -> float:
 
 def electronegativity(symbol: str) -> float:
     """Pauling electronegativity, 0 where pymatgen has none (noble gases)."""
-    chi = Element(symbol).X
+    with warnings.catch_warnings():  # pymatgen warns for noble gases
+        warnings.simplefilter("ignore")
+        chi = Element(symbol).X
     return float(chi) if np.isfinite(chi) else 0.0
 
 

@@ -19,6 +19,7 @@ Neighbour strategy: the default is chosen by measured round trips on the MP-20 s
 from __future__ import annotations
 
 import logging
+import warnings
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -141,7 +142,9 @@ def check_sliceable(graph: CrystalGraph, name: str = "structure") -> None:
 
 def _electronegativity_key(symbol: str) -> tuple[float, int]:
     element = Element(symbol)
-    chi = element.X if np.isfinite(element.X) else float("inf")
+    with warnings.catch_warnings():  # pymatgen warns for noble gases
+        warnings.simplefilter("ignore")
+        chi = element.X if np.isfinite(element.X) else float("inf")
     return (chi, element.Z)
 
 
