@@ -21,13 +21,12 @@ Every decode is time-boxed (``DecodeTimeoutError``), so fuzzed graphs end in an 
 from __future__ import annotations
 
 import logging
-import warnings
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import product
-
 from fractions import Fraction
+from itertools import product
 
 import numpy as np
 from pymatgen.analysis.molecule_structure_comparator import CovalentRadius

@@ -19,8 +19,8 @@ Neighbour strategy: the default is chosen by measured round trips on the MP-20 s
 from __future__ import annotations
 
 import logging
-import warnings
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
