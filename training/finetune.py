@@ -132,9 +132,14 @@ def property_statistics(table: pd.DataFrame, names: Sequence[str]) -> tuple[tupl
     return tuple(float(m) for m in values.mean(axis=0)), tuple(float(s) for s in stds)
 
 
-def write_training_split(texts: Sequence[str], properties: Sequence[Mapping[str, float]], data_dir: Path) -> None:
+def write_training_split(
+    texts: Sequence[str], properties: Sequence[Mapping[str, float]] | None, data_dir: Path
+) -> None:
     """Write rows (text + property dict) as the prepared-dataset ``train`` split the training loop reads."""
-    table = datasets.Dataset.from_dict({TEXT_COLUMN: list(texts), "properties": list(properties)})
+    columns: dict[str, list[Any]] = {TEXT_COLUMN: list(texts)}
+    if properties is not None:
+        columns["properties"] = list(properties)
+    table = datasets.Dataset.from_dict(columns)
     for old in data_dir.glob("*.parquet") if data_dir.exists() else ():
         old.unlink()
     write_shards(table, data_dir, "train", shard_size=100_000)
