@@ -154,11 +154,10 @@ class CrystalMLMPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, (CrystalMLMAttention, CrystalMLMMLP)):
             init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
-        if isinstance(module, GaussianValueEmbedding):
-            with torch.device("cpu"):
-                reference = value_embedding(self.config)
-            init.copy_(module.linear_centres, reference.linear_centres)
-            init.copy_(module.log_centres, reference.log_centres)
+        if isinstance(module, GaussianValueEmbedding):  # constant buffers: rebuilt, never learned
+            linear_centres, log_centres = module.centre_grids()
+            init.copy_(module.linear_centres, linear_centres)
+            init.copy_(module.log_centres, log_centres)
         if isinstance(module, CrystalMLMForMaskedLM):
             init.copy_(module.kind_of_token, kind_lookup(self.config)[1])
             init.copy_(module.not_element, non_element_mask(self.config))
