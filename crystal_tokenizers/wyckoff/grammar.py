@@ -241,12 +241,11 @@ class WyckoffGrammarLogitsProcessor(LogitsProcessor):
         self.max_atoms = max_atoms
         self.max_orbits = max_orbits
         self.max_length = max_length
-        self.vocab_size = len(tokenizer)
         self.num_id = vocab[NUM]
-        self.special = {name: vocab[name] for name in ("<sep>", "<lat>", "<eos>", "<pad>")}
+        self.sep_id, self.lat_id = vocab[SEP], vocab[LAT]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab["<pad>"]
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else vocab["<eos>"]
-        self.skip_ids = {i for i in (tokenizer.bos_token_id, self.pad_id) if i is not None}
+        self.bos_id = tokenizer.bos_token_id
         self.element_ids = {symbol: vocab[symbol] for symbol in ELEMENTS if symbol in vocab}
         self.elements_by_z = sorted(self.element_ids, key=_Z.__getitem__)
         self.sg_ids = {n: vocab[f"sg:{n}"] for n in range(1, 231) if f"sg:{n}" in vocab}
@@ -276,7 +275,9 @@ class WyckoffGrammarLogitsProcessor(LogitsProcessor):
 
     def _advance(self, row: _Row, token_id: int, column: int) -> None:
         """Consume one token (prompt or generated) and move ``row`` to its next phase."""
-        if token_id in self.skip_ids and row.phase is not Phase.DONE and (row.phase is Phase.PREFIX or token_id == self.pad_id):
+        if token_id == self.pad_id and row.phase is not Phase.DONE:
+            return  # left padding
+        if token_id == self.bos_id and row.phase is Phase.PREFIX:
             return
         token = self._id_to_token.get(token_id, "<unk>")
         if row.phase is Phase.PREFIX:
@@ -420,7 +421,7 @@ class WyckoffGrammarLogitsProcessor(LogitsProcessor):
     def allowed_tokens(self, row: _Row, length: int) -> list[int]:
         """Token ids that may come next for ``row`` at sequence length ``length``."""
         if row.phase is Phase.PREFIX:
-            return [self.special["<sep>"]]
+            return [self.sep_id]
         if row.phase is Phase.SPACE_GROUP:
             key = (repr(row.conditions), length)
             if key not in self._space_group_cache:
@@ -429,7 +430,7 @@ class WyckoffGrammarLogitsProcessor(LogitsProcessor):
                 ]
             return self._space_group_cache[key]
         if row.phase is Phase.ELEMENT:
-            allowed = [self.special["<lat>"]] if self._lat_allowed(row) else []
+            allowed = [self.lat_id] if self._lat_allowed(row) else []
             sites = _sites(row.space_group)
             if row.conditions.composition is None and row.conditions.elements is None:
                 # Any element works on a site of higher rank; only Z >= z_last may reuse the current one.
@@ -493,7 +494,7 @@ class WyckoffGrammarLogitsProcessor(LogitsProcessor):
                 value = self._valid_angle(row, role[2], value, history[index])
             elif role[0] == "orbit":
                 value = self._non_collapsing(row, role, value, history[index])
-            values[index] = value
+            values[index] = float(value)
         return values
 
     def _valid_angle(self, row: _Row, name: str, value: float, history: np.ndarray) -> float:
