@@ -110,7 +110,7 @@ def stability_accuracy(model_dir: Path, data_dir: Path) -> dict[str, dict[str, A
     for split in ("validation", "test"):
         rows = load_split(data_dir, split)
         truth = np.array([float(p["e_above_hull"]) <= 0.0 for p in rows["properties"]])
-        predicted = predict_labels(model_dir, rows["text"]).astype(bool)
+        predicted = predict_labels(model_dir, list(rows["text"])).astype(bool)
         systems = np.array(rows["crystal_system"])
         per_system = {
             system: {"n": int((systems == system).sum()), "accuracy": float((predicted == truth)[systems == system].mean())}
@@ -207,7 +207,7 @@ def property_mae(model_dir: Path, data_dir: Path, mean: float, std: float, name:
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
     with torch.no_grad():
-        encoded = tokenizer(rows["text"], padding=True, return_tensors="pt")
+        encoded = tokenizer(list(rows["text"]), padding=True, return_tensors="pt")
         predicted = model(**encoded).logits[:, 0].numpy() * std + mean
     truth = np.array([float(p[name]) for p in rows["properties"]])
     return float(np.abs(predicted - truth).mean())
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         log["stability_accuracy"] = stability_accuracy(work / "stability" / "final", cubic)
         _, tokenizer = load_inpainting_model(work / "pretrain" / "final")
         frequency = element_frequency(load_split(data, "train")["text"], tokenizer)
-        texts = load_split(data, "validation")["text"]
+        texts = list(load_split(data, "validation")["text"])
         tables = {name: reconstruction_metrics(work / name / "final", texts, frequency)
                   for name in ("pretrain", "gan")}
         log["reconstruction"] = tables
