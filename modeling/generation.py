@@ -10,12 +10,12 @@ that also map sampled values into a valid domain before they are stored.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
-
 
 Sampler = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 """``(params, kind_ids, temperature, greedy) -> values``: one draw per row from a continuous head."""
@@ -58,9 +58,8 @@ class NumericGenerationState:
     values: torch.Tensor | None = None
     pending_params: torch.Tensor | None = None
     pending_kinds: torch.Tensor | None = None
-    generator: torch.Generator | None = field(default=None, repr=False)
 
-    def __deepcopy__(self, memo: dict) -> "NumericGenerationState":
+    def __deepcopy__(self, memo: dict) -> NumericGenerationState:
         """Shared, not copied: generate() may deep-copy its keyword arguments, the record must survive."""
         return self
 

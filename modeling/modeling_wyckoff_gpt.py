@@ -45,7 +45,12 @@ from modeling.generation import (
     mask_to_num_tokens,
     pad_values,
 )
-from modeling.numeric import DEFAULT_VALUE_KINDS, NO_KIND, GaussianValueEmbedding, NumericValueHead
+from modeling.numeric import (
+    DEFAULT_VALUE_KINDS,
+    NO_KIND,
+    GaussianValueEmbedding,
+    NumericValueHead,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ Kinds are addressed by integer ids (their index in the head's ``kinds``); id ``-
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -254,8 +254,8 @@ class NumericValueHead(nn.Module):
 
 __all__ = [
     "DEFAULT_VALUE_KINDS",
-    "GaussianValueEmbedding",
     "NO_KIND",
+    "GaussianValueEmbedding",
     "NumericValueHead",
     "ValueKind",
     "gaussian_expansion",

@@ -23,7 +23,11 @@ from pymatgen.core import Structure
 
 from crystal_tokenizers.errors import CrystalDecodeError, CrystalEncodeError
 from crystal_tokenizers.wyckoff import codec
-from crystal_tokenizers.wyckoff.grammar import DEFAULT_MAX_ATOMS, DEFAULT_MAX_ORBITS, MAX_ORBIT_TOKENS
+from crystal_tokenizers.wyckoff.grammar import (
+    DEFAULT_MAX_ATOMS,
+    DEFAULT_MAX_ORBITS,
+    MAX_ORBIT_TOKENS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +218,8 @@ def predict_structures(
 
 
 __all__ = [
-    "CSPResult",
     "CSP_MATCHER_SETTINGS",
+    "CSPResult",
     "GeneratedCrystal",
     "best_rms",
     "csp_prompt",

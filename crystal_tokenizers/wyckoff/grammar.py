@@ -35,7 +35,15 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from crystal_tokenizers.wyckoff.codec import COMPOSITION_MARK, ELEMENTS, ELEMENTS_MARK, LAT, NUM, SEP, orbit_positions
+from crystal_tokenizers.wyckoff.codec import (
+    COMPOSITION_MARK,
+    ELEMENTS,
+    ELEMENTS_MARK,
+    LAT,
+    NUM,
+    SEP,
+    orbit_positions,
+)
 from crystal_tokenizers.wyckoff.orbits import (
     CRYSTAL_SYSTEMS,
     LATTICE_PARAMETERS,
