@@ -46,6 +46,7 @@ import torch
 from crystal_tokenizers.errors import CrystalEncodeError
 from crystal_tokenizers.loading import load_tokenizer
 from training.data import TEXT_COLUMN, write_shards
+from training.io import parse_cif
 from training.loop import FINAL_DIR, TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -117,10 +118,14 @@ def token_strings(table: pd.DataFrame, tokenizer: Any) -> list[str | None]:
             return [text if isinstance(text, str) and text.strip() else None for text in table[column]]
     if "cif" not in table.columns:
         raise FinetuneError(f"the data need one of the columns {[*TEXT_COLUMNS, 'cif']}, got {list(table.columns)}")
-    from pymatgen.core import Structure
-
-    texts = tokenizer.structures_to_strings([Structure.from_str(cif, fmt="cif") for cif in table["cif"]])
-    return [None if isinstance(text, CrystalEncodeError) else text for text in texts]
+    texts = []
+    for cif in table["cif"]:
+        try:
+            texts.append(tokenizer.structure_to_string(parse_cif(cif)))
+        except CrystalEncodeError as err:
+            logger.debug("row not encodable: %s", err)
+            texts.append(None)
+    return texts
 
 
 def property_statistics(table: pd.DataFrame, names: Sequence[str]) -> tuple[tuple[float, ...], tuple[float, ...]]:
