@@ -268,7 +268,7 @@ def inpaint(
     A structure that cannot be encoded, or lacks the element to mask, gets a result with ``error`` set.
     """
     rng = np.random.default_rng(seed)
-    names = list(names) if names is not None else [s.composition.reduced_formula for s in structures]
+    names = list(names) if names is not None else [f"{i}_{s.composition.reduced_formula}" for i, s in enumerate(structures)]
     planned: list[tuple[int, InpaintRequest]] = []
     results: dict[int, InpaintResult] = {}
     for index, (name, structure) in enumerate(zip(names, structures)):
