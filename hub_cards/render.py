@@ -53,6 +53,8 @@ class ModelCardInfo:
     repo_id: str = "ORG/NAME"
     license: str = "apache-2.0"
     datasets: Sequence[str] = field(default_factory=tuple)
+    training_data: str = ""
+    """Free-text description of the training data (used when it is not a Hub dataset)."""
     base_model: str | None = None
 
 
@@ -138,11 +140,10 @@ def render_model_card(
         datasets=list(info.datasets) or None,
         base_model=info.base_model,
     )
-    datasets_text = (
-        "Trained on " + ", ".join(f"`{name}`" for name in info.datasets) + "."
-        if info.datasets
-        else "The training data were not recorded."
-    )
+    if info.datasets:
+        datasets_text = "Trained on " + ", ".join(f"`{name}`" for name in info.datasets) + "."
+    else:
+        datasets_text = info.training_data or "The training data were not recorded."
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_DIR / "model_card.md"),

@@ -206,3 +206,12 @@ def test_collator_masks_padding_and_adds_conditions(prepared, tokenizer: Wyckoff
     plain = CrystalCollator(tokenizer, max_length=16, model_inputs=frozenset({"input_ids", "attention_mask", "labels"}))(rows)
     assert set(plain) == {"input_ids", "attention_mask", "labels"} and plain["input_ids"].shape == (4, 16)
     assert not math.isnan(float(batch["numeric_values"][is_num].sum()))
+
+
+def test_prepare_data_command_prints_counts(small_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.cli import main
+
+    assert main(["prepare-data", str(small_csv), "--out", str(tmp_path), "--limit", "6", "--shard-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "train" in printed and "wrote 6 structures" in printed and "licence cc-by-4.0" in printed
+    assert len(list((tmp_path / "data").glob("train-*.parquet"))) == 2

@@ -135,3 +135,11 @@ def test_pushed_folder_loads_in_a_fresh_process_and_generates_cifs(run_dir: Path
     tokenizer_name, model_name, decoded = done.stdout.split()
     assert (tokenizer_name, model_name) == ("WyckoffTokenizer", "WyckoffGPTForCausalLM")
     assert int(decoded) == 4  # the grammar processor keeps every sample decodable
+
+
+def test_push_command_writes_a_local_repo(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.cli import main
+
+    assert main(["push", str(run_dir / "final"), "--repo-id", "org/m", "--local-dir", str(tmp_path), "--private"]) == 0
+    assert "model org/m:" in capsys.readouterr().out
+    assert ModelCard.load(tmp_path / "README.md").data.library_name == "transformers"

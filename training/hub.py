@@ -106,6 +106,7 @@ def model_card(
     metrics_path: Path | None = None,
     license: str = "apache-2.0",
     datasets: Sequence[str] = (),
+    training_data: str = "",
 ) -> str:
     """The model card of a saved model folder, with the metrics of ``metrics_path``."""
     config = check_model_folder(folder)
@@ -117,6 +118,7 @@ def model_card(
         repo_id=repo_id,
         license=license,
         datasets=tuple(datasets),
+        training_data=training_data,
     )
     return render_model_card(info, card_metrics(metrics_path), metrics_source=metrics_path.name if metrics_path else "")
 
@@ -179,6 +181,7 @@ def push_folder(
     metrics_path: str | Path | None = None,
     license: str = "apache-2.0",
     datasets: Sequence[str] = (),
+    training_data: str = "",
     api: HfApi | None = None,
     commit_message: str = "Upload with crystal-lm",
 ) -> PushResult:
@@ -191,7 +194,9 @@ def push_folder(
         raise HubPushError(f"repo_type must be one of {REPO_TYPES}, got {repo_type!r}")
     if repo_type == "model":
         metrics = find_metrics(folder, metrics_path)
-        card = model_card(folder, repo_id, metrics_path=metrics, license=license, datasets=datasets)
+        card = model_card(
+            folder, repo_id, metrics_path=metrics, license=license, datasets=datasets, training_data=training_data
+        )
         operations = upload_operations(folder, card)
     else:
         operations = upload_operations(folder, dataset_card(folder, repo_id))
@@ -207,10 +212,20 @@ def push_folder(
     return PushResult(repo_id, repo_type, str(url), files)
 
 
-def run_datasets(run_dir: Path) -> tuple[str, ...]:
-    """Hub dataset ids a training run used (its ``config.yaml`` ``data.path`` when that is not a local path)."""
+def run_training_data(run_dir: Path) -> tuple[tuple[str, ...], str]:
+    """What a training run was trained on, from its ``config.yaml``: Hub dataset ids, or a description.
+
+    A local ``data.path`` with a ``prepare_report.json`` is described by its source, size and licence.
+    """
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
-        return ()
-    path = (yaml.safe_load(config_path.read_text()) or {}).get("data", {}).get("path", "")
-    return (path,) if path and not Path(path).exists() and path.count("/") == 1 else ()
+        return (), ""
+    path = str((yaml.safe_load(config_path.read_text()) or {}).get("data", {}).get("path", ""))
+    report = _read_json(Path(path) / PREPARE_REPORT) if path and Path(path).is_dir() else {}
+    if report:
+        return (), (
+            f"Prepared with `crystal-lm prepare-data` from `{Path(report['source']).name}` "
+            f"({report['split_counts'].get('train', 0)} training structures, {report['representation']} "
+            f"representation, data licence `{report['license']}`)."
+        )
+    return ((path,), "") if path and not Path(path).exists() and path.count("/") == 1 else ((), "")

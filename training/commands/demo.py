@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     from training.data import load_split, prepare_dataset
     from training.evaluate import evaluate_structures, write_report
-    from training.hub import model_card
+    from training.hub import model_card, run_training_data
     from training.loop import TrainConfig, train
 
     out = Path(args.out)
@@ -146,7 +146,10 @@ def run(args: argparse.Namespace) -> int:
     )
     write_report(evaluation, out)
     _plot_training_curve(out / "run" / "metrics.csv", out / "training_curve.png")
-    card = model_card(result.final_model_dir, DEMO_REPO_ID, metrics_path=out / "metrics.json", license="apache-2.0")
+    _, training_data = run_training_data(out / "run")
+    card = model_card(
+        result.final_model_dir, DEMO_REPO_ID, metrics_path=out / "metrics.json", training_data=training_data
+    )
     (out / "MODEL_CARD.md").write_text(card)
     (result.final_model_dir / "README.md").write_text(card)
 

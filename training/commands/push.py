@@ -23,9 +23,10 @@ def run(args: argparse.Namespace) -> int:
     """Push and print the target."""
     from pathlib import Path
 
-    from training.hub import push_folder, run_datasets
+    from training.hub import push_folder, run_training_data
 
     folder = Path(args.folder)
+    run_datasets, training_data = run_training_data(folder.parent)
     result = push_folder(
         folder,
         args.repo_id,
@@ -34,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         local_dir=args.local_dir,
         metrics_path=args.metrics,
         license=args.license,
-        datasets=tuple(args.dataset) or run_datasets(folder.parent),
+        datasets=tuple(args.dataset) or run_datasets,
+        training_data=training_data,
     )
     print(f"{result.repo_type} {result.repo_id}: {len(result.files)} files -> {result.target}")
     return 0
