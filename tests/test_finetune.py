@@ -121,6 +121,7 @@ def test_lora_finetune_trains_few_parameters_and_stores_statistics(lora_run, dat
     assert not (lora_run.out_dir / "training" / "final").exists()
 
 
+@pytest.mark.slow
 def test_adapter_reloads_in_a_fresh_process_with_identical_logits(lora_run, base_dir, tmp_path):
     ids = torch.tensor([[1, 37, 108, 108, 174, 173, 173, 108, 108, 173]])
     props = torch.tensor([[0.0, 1.2, 0.03]])
@@ -171,3 +172,15 @@ def test_cli_reports_a_missing_property_column(base_dir, data_csv, tmp_path, cap
                      "--out", str(tmp_path / "x")])
     assert code == 2
     assert "bulk_modulus_gpa" in capsys.readouterr().out
+
+
+def test_token_strings_encode_a_cif_column_and_prefer_a_text_column(sample_table, tokenizer):
+    from training.finetune import token_strings
+    from training.io import parse_cif
+
+    table = sample_table.head(3)[["cif"]]
+    texts = token_strings(table, tokenizer)
+    assert texts == [tokenizer.structure_to_string(parse_cif(cif)) for cif in table.cif]
+    assert token_strings(table.assign(slices=["a", "", "c"]), tokenizer) == ["a", None, "c"]
+    with pytest.raises(FinetuneError, match="need one of the columns"):
+        token_strings(table.rename(columns={"cif": "structure"}), tokenizer)
