@@ -318,7 +318,8 @@ def finetune(
 
     trained.eval()
     if config.lora:
-        trained.peft_config["default"].base_model_name_or_path = str(base_dir)
+        local = Path(base_dir)
+        trained.peft_config["default"].base_model_name_or_path = str(local.resolve() if local.is_dir() else base_dir)
     trained.save_pretrained(str(out_dir))
     model.config.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
