@@ -56,7 +56,7 @@ def check_model_folder(folder: Path) -> dict[str, Any]:
         raise HubPushError(f"{folder}: no config.json; save the model with save_pretrained first")
     if not (folder / "tokenizer_config.json").exists():
         raise HubPushError(f"{folder}: no tokenizer_config.json; save the tokenizer beside the model")
-    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     tokenizer_config = _read_json(folder / "tokenizer_config.json")
     for where, mapping in (("config.json", config), ("tokenizer_config.json", tokenizer_config)):
@@ -64,7 +64,7 @@ def check_model_folder(folder: Path) -> dict[str, Any]:
             module = reference.split("--")[-1].rsplit(".", 1)[0]
             if not (folder / f"{module}.py").exists():
                 raise HubPushError(f"{folder}: {where} auto_map names {reference} but {module}.py is missing")
-    if config.get("model_type") not in CONFIG_MAPPING and "auto_map" not in config:
+    if config.get("model_type") not in CONFIG_MAPPING_NAMES and "auto_map" not in config:
         raise HubPushError(
             f"{folder}: model_type {config.get('model_type')!r} is not in transformers and config.json has no "
             "auto_map; register the classes with register_for_auto_class before save_pretrained"
