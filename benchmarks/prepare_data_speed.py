@@ -20,9 +20,9 @@ import datasets
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_line  # noqa: E402
+from _machine import machine_line
 
-from training.data import prepare_dataset  # noqa: E402
+from training.data import prepare_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "mp_20" / "train.csv"
@@ -52,7 +52,9 @@ def main() -> None:
         table.drop(columns=[c for c in table.columns if c.startswith("Unnamed")]).to_csv(source, index=False)
         baseline = _rate(source, 1, len(table))
         parallel = _rate(source, args.num_proc, len(table))
-    print(f"prepare-data, {len(table)} rows of {data.relative_to(ROOT.parent) if SHARED.exists() else data.name}, wyckoff")
+    print(
+        f"prepare-data, {len(table)} rows of {data.relative_to(ROOT.parent) if SHARED.exists() else data.name}, wyckoff"
+    )
     print(f"{'setting':<28}{'structures/s':>14}")
     print(f"{'1 process (baseline)':<28}{baseline:>14.1f}")
     print(f"{f'{args.num_proc} processes':<28}{parallel:>14.1f}")

@@ -25,10 +25,16 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_line  # noqa: E402
+from _machine import machine_line
 
-from training.data import CrystalCollator, iter_epoch, load_split, make_tokenizer, prepare_dataset  # noqa: E402
-from training.loop import METRICS_CSV, TrainConfig, train  # noqa: E402
+from training.data import (
+    CrystalCollator,
+    iter_epoch,
+    load_split,
+    make_tokenizer,
+    prepare_dataset,
+)
+from training.loop import METRICS_CSV, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "crystal_tokenizers" / "data" / "mp20_sample.csv"
@@ -77,7 +83,9 @@ def main() -> None:
                 config = dataclasses.replace(
                     base,
                     output_dir=str(Path(tmp) / f"run-{round_index}-{streaming}"),
-                    data=dataclasses.replace(base.data, path=str(data), streaming=streaming, eval_split=None, shuffle_buffer=BUFFER),
+                    data=dataclasses.replace(
+                        base.data, path=str(data), streaming=streaming, eval_split=None, shuffle_buffer=BUFFER
+                    ),
                     loop=dataclasses.replace(base.loop, max_steps=args.steps, log_every=2),
                     checkpoint=dataclasses.replace(base.checkpoint, every_steps=args.steps),
                     report_to=("csv",),
@@ -94,7 +102,10 @@ def main() -> None:
     print(f"{'':<34}{'map-style (baseline)':>22}{'streaming':>12}{'ratio':>8}")
     print(f"{'training, tokens/s (median)':<34}{train_map:>22.0f}{train_stream:>12.0f}{train_stream / train_map:>8.2f}")
     print(f"{'data pipeline only, rows/s':<34}{pipe_map:>22.0f}{pipe_stream:>12.0f}{pipe_stream / pipe_map:>8.2f}")
-    print(f"{'data pipeline only, s per epoch':<34}{epoch_map:>22.2f}{epoch_stream:>12.2f}{epoch_stream / epoch_map:>8.1f}")
+    print(
+        f"{'data pipeline only, s per epoch':<34}{epoch_map:>22.2f}{epoch_stream:>12.2f}"
+        f"{epoch_stream / epoch_map:>8.1f}"
+    )
     print(machine_line() + f", load average {os.getloadavg()[0]:.1f}")
 
 

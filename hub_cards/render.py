@@ -128,9 +128,7 @@ def render_dataset_card(info: DatasetCardInfo) -> str:
     return str(card)
 
 
-def render_model_card(
-    info: ModelCardInfo, metrics: Mapping[str, float] | None = None, metrics_source: str = ""
-) -> str:
+def render_model_card(info: ModelCardInfo, metrics: Mapping[str, float] | None = None, metrics_source: str = "") -> str:
     """Render a model card (README.md); ``metrics`` are flattened names -> values shown as a table."""
     card_data = ModelCardData(
         library_name="transformers",

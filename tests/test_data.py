@@ -126,7 +126,9 @@ def test_cif_folder_is_split_by_hash_of_file_name(prepared, tokenizer: WyckoffTo
     assert source_license(folder) is None and report.license == "unknown"
 
 
-def test_parquet_and_dataset_folder_inputs_encode_like_csv(prepared, tokenizer: WyckoffTokenizer, tmp_path: Path) -> None:
+def test_parquet_and_dataset_folder_inputs_encode_like_csv(
+    prepared, tokenizer: WyckoffTokenizer, tmp_path: Path
+) -> None:
     out, _ = prepared
     source = load_split(out, "validation").select_columns(["material_id", "cif"])
     source.to_parquet(str(tmp_path / "val.parquet"))
@@ -140,7 +142,9 @@ def test_parquet_and_dataset_folder_inputs_encode_like_csv(prepared, tokenizer: 
     assert dict(zip(list(again["material_id"]), list(again["text"]))) == by_id
 
 
-def test_two_processes_write_the_same_rows(small_csv: Path, prepared, tokenizer: WyckoffTokenizer, tmp_path: Path) -> None:
+def test_two_processes_write_the_same_rows(
+    small_csv: Path, prepared, tokenizer: WyckoffTokenizer, tmp_path: Path
+) -> None:
     out, report = prepared
     datasets.disable_caching()
     try:
@@ -168,7 +172,9 @@ def test_streaming_and_map_style_give_the_same_examples(prepared, world_size: in
     def epoch_ids(dataset, epoch: int) -> Counter:
         ids: Counter = Counter()
         for rank in range(world_size):
-            for batch in iter_epoch(dataset, epoch=epoch, seed=3, batch_size=4, rank=rank, world_size=world_size, shuffle_buffer=8):
+            for batch in iter_epoch(
+                dataset, epoch=epoch, seed=3, batch_size=4, rank=rank, world_size=world_size, shuffle_buffer=8
+            ):
                 ids.update(row["material_id"] for row in batch)
         return ids
 
@@ -182,9 +188,14 @@ def test_skipping_batches_resumes_the_same_order(prepared, streaming: bool) -> N
     out, _ = prepared
     dataset = load_split(out, "train", streaming=streaming)
     full = [[r["material_id"] for r in b] for b in iter_epoch(dataset, epoch=1, seed=0, batch_size=3, shuffle_buffer=8)]
-    rest = [[r["material_id"] for r in b] for b in iter_epoch(dataset, epoch=1, seed=0, batch_size=3, shuffle_buffer=8, skip_batches=5)]
+    rest = [
+        [r["material_id"] for r in b]
+        for b in iter_epoch(dataset, epoch=1, seed=0, batch_size=3, shuffle_buffer=8, skip_batches=5)
+    ]
     assert rest == full[5:]
-    other_epoch = [[r["material_id"] for r in b] for b in iter_epoch(dataset, epoch=2, seed=0, batch_size=3, shuffle_buffer=8)]
+    other_epoch = [
+        [r["material_id"] for r in b] for b in iter_epoch(dataset, epoch=2, seed=0, batch_size=3, shuffle_buffer=8)
+    ]
     assert other_epoch != full
 
 
@@ -198,17 +209,23 @@ def test_collator_masks_padding_and_adds_conditions(prepared, tokenizer: Wyckoff
     is_num = batch["input_ids"] == tokenizer.num_token_id
     assert torch.equal(~torch.isnan(batch["numeric_values"]), is_num)
     assert batch["crystal_system"].tolist() == [
-        ("cubic", "hexagonal", "trigonal", "tetragonal", "orthorhombic", "monoclinic", "triclinic").index(r["crystal_system"])
+        ("cubic", "hexagonal", "trigonal", "tetragonal", "orthorhombic", "monoclinic", "triclinic").index(
+            r["crystal_system"]
+        )
         for r in rows
     ]
     assert batch["property_mask"][:, 1].sum() == 0 and batch["properties"][:, 1].abs().sum() == 0
     assert torch.allclose(batch["properties"][:, 0], torch.tensor([r["properties"]["band_gap"] for r in rows]))
-    plain = CrystalCollator(tokenizer, max_length=16, model_inputs=frozenset({"input_ids", "attention_mask", "labels"}))(rows)
+    plain = CrystalCollator(
+        tokenizer, max_length=16, model_inputs=frozenset({"input_ids", "attention_mask", "labels"})
+    )(rows)
     assert set(plain) == {"input_ids", "attention_mask", "labels"} and plain["input_ids"].shape == (4, 16)
     assert not math.isnan(float(batch["numeric_values"][is_num].sum()))
 
 
-def test_prepare_data_command_prints_counts(small_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prepare_data_command_prints_counts(
+    small_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from training.cli import main
 
     assert main(["prepare-data", str(small_csv), "--out", str(tmp_path), "--limit", "6", "--shard-size", "4"]) == 0

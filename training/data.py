@@ -28,7 +28,11 @@ import numpy as np
 import torch
 
 from crystal_tokenizers import CRYSTAL_SYSTEMS
-from crystal_tokenizers.errors import CrystalEncodeError, InvalidStructureError, SymmetryAnalysisError
+from crystal_tokenizers.errors import (
+    CrystalEncodeError,
+    InvalidStructureError,
+    SymmetryAnalysisError,
+)
 from hub_cards import DatasetCardInfo, render_dataset_card
 
 logger = logging.getLogger(__name__)
@@ -88,7 +92,10 @@ def make_tokenizer(representation: str, pretrained: str | None = None) -> Any:
 def _read_cif_folder(folder: Path) -> datasets.Dataset:
     paths = sorted(folder.rglob("*.cif"))
     return datasets.Dataset.from_dict(
-        {"material_id": [str(p.relative_to(folder).with_suffix("")) for p in paths], "cif": [p.read_text() for p in paths]}
+        {
+            "material_id": [str(p.relative_to(folder).with_suffix("")) for p in paths],
+            "cif": [p.read_text() for p in paths],
+        }
     )
 
 
@@ -96,7 +103,9 @@ def _with_split_column(table: datasets.Dataset | datasets.DatasetDict) -> datase
     """One table; a ``DatasetDict``'s split names become a ``split`` column."""
     if isinstance(table, datasets.Dataset):
         return table
-    parts = [part.add_column("split", [name] * len(part)) for name, part in table.items() if "split" not in part.column_names]
+    parts = [
+        part.add_column("split", [name] * len(part)) for name, part in table.items() if "split" not in part.column_names
+    ]
     parts += [part for part in table.values() if "split" in part.column_names]
     return datasets.concatenate_datasets(parts)
 
@@ -107,7 +116,9 @@ def read_source(source: str | Path) -> datasets.Dataset:
     if path.is_file():
         builder = _TABLE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise DataPreparationError(f"{path}: unknown file type {path.suffix!r}; expected one of {sorted(_TABLE_BUILDERS)}")
+            raise DataPreparationError(
+                f"{path}: unknown file type {path.suffix!r}; expected one of {sorted(_TABLE_BUILDERS)}"
+            )
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
@@ -133,9 +144,9 @@ def source_license(source: str | Path) -> str | None:
             logger.info("no dataset card for %s: %s", source, err)
             return None
     text = readme.read_text(errors="replace")
-    front = re.match(r"^---\n(.*?)\n---", text, flags=re.S)
+    front = re.match(r"^---\n(.*?)\n---", text, flags=re.DOTALL)
     if front:
-        match = re.search(r"^license:\s*(\S+)", front.group(1), flags=re.M)
+        match = re.search(r"^license:\s*(\S+)", front.group(1), flags=re.MULTILINE)
         if match:
             return match.group(1)
     for pattern, licence in _LICENCE_PATTERNS:
@@ -213,7 +224,9 @@ def _is_given(value: float | None) -> bool:
     return value is not None and not math.isnan(value)
 
 
-def encode_row(cif: str, properties: Mapping[str, float | None], tokenizer: Any, options: EncodeOptions) -> dict[str, Any]:
+def encode_row(
+    cif: str, properties: Mapping[str, float | None], tokenizer: Any, options: EncodeOptions
+) -> dict[str, Any]:
     """Parse, label and encode one CIF; failures come back as ``error_type``/``error`` instead of raising."""
     from pymatgen.core import Structure
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
@@ -232,7 +245,7 @@ def encode_row(cif: str, properties: Mapping[str, float | None], tokenizer: Any,
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Issues encountered while parsing CIF")
                 structure = Structure.from_str(cif, fmt="cif")
-        except Exception as err:  # noqa: BLE001 - pymatgen's CIF parser raises many unrelated types
+        except Exception as err:
             raise InvalidStructureError(f"CIF could not be parsed: {type(err).__name__}: {err}") from err
         row["formula"] = structure.composition.reduced_formula
         row["num_sites"] = len(structure)
@@ -240,7 +253,7 @@ def encode_row(cif: str, properties: Mapping[str, float | None], tokenizer: Any,
             analyzer = SpacegroupAnalyzer(structure, symprec=options.symprec)
             row["space_group"] = int(analyzer.get_space_group_number())
             row["crystal_system"] = analyzer.get_crystal_system()
-        except Exception as err:  # noqa: BLE001 - spglib failures surface as several exception types
+        except Exception as err:
             raise SymmetryAnalysisError(f"spglib failed at symprec {options.symprec}: {err}") from err
         conditions = _text_condition_kwargs(options.text_conditions, properties)
         row[TEXT_COLUMN] = tokenizer.structure_to_string(structure, **conditions)
@@ -253,9 +266,11 @@ def encode_row(cif: str, properties: Mapping[str, float | None], tokenizer: Any,
 def _encode_batch(batch: dict[str, list], tokenizer: Any, options: EncodeOptions) -> dict[str, list]:
     """``datasets.map`` function: encode a batch of rows (see :func:`encode_row`)."""
     n = len(batch[options.cif_column])
-    ids = batch[options.id_column] if options.id_column else [
-        hashlib.sha256(cif.encode()).hexdigest()[:16] for cif in batch[options.cif_column]
-    ]
+    ids = (
+        batch[options.id_column]
+        if options.id_column
+        else [hashlib.sha256(cif.encode()).hexdigest()[:16] for cif in batch[options.cif_column]]
+    )
     properties = [
         {name: (None if batch[name][i] is None else float(batch[name][i])) for name in options.property_columns}
         for i in range(n)
@@ -376,9 +391,7 @@ def prepare_dataset(
             "data.property_conditions instead of text conditions"
         )
     if options.cif_column not in table.column_names:
-        raise DataPreparationError(
-            f"{source}: no CIF column {options.cif_column!r}; columns are {table.column_names}"
-        )
+        raise DataPreparationError(f"{source}: no CIF column {options.cif_column!r}; columns are {table.column_names}")
     id_column = options.id_column or next((c for c in _ID_COLUMNS if c in table.column_names), None)
     property_columns = options.property_columns or default_property_columns(table, exclude=[id_column or ""])
     options = EncodeOptions(
@@ -468,7 +481,9 @@ def _write_card_and_report(report: PrepareReport, out_dir: Path, symprec: float)
 # --------------------------------------------------------------------------------------------------
 
 
-def load_split(source: str | Path, split: str, *, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+def load_split(
+    source: str | Path, split: str, *, streaming: bool = False
+) -> datasets.Dataset | datasets.IterableDataset:
     """One split of a prepared dataset from a local folder or a Hub repo id (one code path for both).
 
     A local folder keeps its Arrow cache in ``<folder>/.cache``: ``datasets`` keys the cache of a local

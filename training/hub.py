@@ -19,7 +19,13 @@ from typing import Any
 import yaml
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from hub_cards import DatasetCardInfo, ModelCardInfo, load_metrics, render_dataset_card, render_model_card
+from hub_cards import (
+    DatasetCardInfo,
+    ModelCardInfo,
+    load_metrics,
+    render_dataset_card,
+    render_model_card,
+)
 from training.data import ENCODE_SYMPREC, PREPARE_REPORT
 
 logger = logging.getLogger(__name__)
@@ -28,7 +34,13 @@ REPO_TYPES: tuple[str, ...] = ("model", "dataset")
 CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
 TOKENIZER_REPRESENTATIONS: dict[str, str] = {"WyckoffTokenizer": "wyckoff", "SlicesPlusTokenizer": "slices-plus"}
-_SKIPPED_METRIC_PREFIXES: tuple[str, ...] = ("histograms.", "reference_histograms.", "records.", "settings.", "timings_s.")
+_SKIPPED_METRIC_PREFIXES: tuple[str, ...] = (
+    "histograms.",
+    "reference_histograms.",
+    "records.",
+    "settings.",
+    "timings_s.",
+)
 
 
 class HubPushError(ValueError):

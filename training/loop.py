@@ -51,9 +51,17 @@ _TMP_PREFIX = ".tmp-"
 SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
 MODEL_TYPES: dict[str, tuple[str, str, str, str]] = {
     "wyckoff-gpt": (
-        "modeling.configuration_wyckoff_gpt", "WyckoffGPTConfig", "modeling.modeling_wyckoff_gpt", "WyckoffGPTForCausalLM"
+        "modeling.configuration_wyckoff_gpt",
+        "WyckoffGPTConfig",
+        "modeling.modeling_wyckoff_gpt",
+        "WyckoffGPTForCausalLM",
     ),
-    "mattergpt": ("modeling.configuration_mattergpt", "MatterGPTConfig", "modeling.modeling_mattergpt", "MatterGPTForCausalLM"),
+    "mattergpt": (
+        "modeling.configuration_mattergpt",
+        "MatterGPTConfig",
+        "modeling.modeling_mattergpt",
+        "MatterGPTForCausalLM",
+    ),
 }
 """Model types of crystal-lm; any other ``model.type`` is looked up in transformers' ``AutoConfig``."""
 
@@ -161,7 +169,7 @@ class TrainConfig:
     report_to: tuple[str, ...] = ("csv",)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, raw: Mapping[str, Any]) -> TrainConfig:
         """Build from nested mappings; unknown keys and missing required keys raise :class:`TrainingConfigError`."""
         kwargs = _checked_kwargs(cls, raw, "config")
         for name, section in _SECTIONS.items():
@@ -173,7 +181,7 @@ class TrainConfig:
             raise TrainingConfigError(f"config: {err}") from err
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
         """Read a YAML config file."""
         return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
 
@@ -279,14 +287,16 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Adam
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Warm-up + cosine multiplier of the peak rate at optimiser ``step`` (linear warm-up, cosine to ``min_lr_ratio``)."""
+    """Multiplier of the peak rate at optimiser ``step``: linear warm-up, then cosine down to ``min_lr_ratio``."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning-rate schedule over ``total_steps`` optimiser steps."""
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
@@ -304,7 +314,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_ste
             ),
         )
     if cfg.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        )
     raise TrainingConfigError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
 
 
@@ -453,7 +465,14 @@ class TrainResult:
 class _BatchStream:
     """Endless micro-batches for one rank, epoch after epoch, tracking its :class:`_DataPosition`."""
 
-    def __init__(self, dataset: Any, collator: CrystalCollator, cfg: TrainConfig, accelerator: Accelerator, position: _DataPosition) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        collator: CrystalCollator,
+        cfg: TrainConfig,
+        accelerator: Accelerator,
+        position: _DataPosition,
+    ) -> None:
         self.dataset, self.collator, self.cfg, self.accelerator = dataset, collator, cfg, accelerator
         self.position = position
         self._batches = self._open()
@@ -505,7 +524,9 @@ def _mixed_precision(setting: str) -> str:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, dataset: Any, collator: CrystalCollator, cfg: TrainConfig, accelerator: Accelerator) -> float:
+def evaluate_loss(
+    model: torch.nn.Module, dataset: Any, collator: CrystalCollator, cfg: TrainConfig, accelerator: Accelerator
+) -> float:
     """Mean per-batch loss over the evaluation split (every rank its share; averaged over rows)."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device)
@@ -518,9 +539,11 @@ def evaluate_loss(model: torch.nn.Module, dataset: Any, collator: CrystalCollato
         world_size=accelerator.num_processes,
         shuffle=False,
     )
-    for rows in (batches if cfg.eval.max_batches is None else _take(batches, cfg.eval.max_batches)):
+    for rows in batches if cfg.eval.max_batches is None else _take(batches, cfg.eval.max_batches):
         batch = {k: v.to(accelerator.device) for k, v in collator(rows).items()}
-        total += torch.stack([model(**batch).loss.float() * len(rows), torch.tensor(float(len(rows)), device=accelerator.device)])
+        total += torch.stack(
+            [model(**batch).loss.float() * len(rows), torch.tensor(float(len(rows)), device=accelerator.device)]
+        )
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return float(total[0] / total[1]) if total[1] > 0 else math.nan
@@ -560,14 +583,22 @@ def sample_validity(model: torch.nn.Module, tokenizer: Any, num_samples: int, ma
     return sum(not isinstance(item, Exception) for item in decoded) / num_samples
 
 
-def train(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool = False, model: torch.nn.Module | None = None, tokenizer: Any = None) -> TrainResult:
+def train(
+    config: TrainConfig | Mapping[str, Any] | str | Path,
+    *,
+    resume: bool = False,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+) -> TrainResult:
     """Train a crystal language model; ``resume`` continues from the newest complete checkpoint.
 
     ``config`` is a :class:`TrainConfig`, a nested mapping or a YAML path. ``model`` and ``tokenizer``
     override the ones the config describes (e.g. a model built in a notebook).
     """
-    cfg = config if isinstance(config, TrainConfig) else (
-        TrainConfig.from_yaml(config) if isinstance(config, (str, Path)) else TrainConfig.from_dict(config)
+    cfg = (
+        config
+        if isinstance(config, TrainConfig)
+        else (TrainConfig.from_yaml(config) if isinstance(config, (str, Path)) else TrainConfig.from_dict(config))
     )
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
@@ -577,11 +608,15 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool 
         project_dir=str(output_dir),
     )
     set_seed(cfg.seed)
-    tokenizer = tokenizer if tokenizer is not None else make_tokenizer(cfg.tokenizer.representation, cfg.tokenizer.pretrained)
+    tokenizer = (
+        tokenizer if tokenizer is not None else make_tokenizer(cfg.tokenizer.representation, cfg.tokenizer.pretrained)
+    )
     train_set = load_split(cfg.data.path, cfg.data.train_split, streaming=cfg.data.streaming)
     if model is None:
         model = build_model(cfg.model, tokenizer, property_statistics(train_set, cfg.data.property_conditions))
-    eval_set = load_split(cfg.data.path, cfg.data.eval_split, streaming=cfg.data.streaming) if cfg.data.eval_split else None
+    eval_set = (
+        load_split(cfg.data.path, cfg.data.eval_split, streaming=cfg.data.streaming) if cfg.data.eval_split else None
+    )
     collator = CrystalCollator(
         tokenizer,
         max_length=cfg.data.max_length,
@@ -639,7 +674,9 @@ def train(config: TrainConfig | Mapping[str, Any] | str | Path, *, resume: bool 
         state.step += 1
         step_stats = accelerator.reduce(step_stats, reduction="sum")
         state.tokens_seen += int(step_stats[1])
-        window += torch.stack([step_stats[0] / accelerator.num_processes, step_stats[1], torch.ones_like(step_stats[1])])
+        window += torch.stack(
+            [step_stats[0] / accelerator.num_processes, step_stats[1], torch.ones_like(step_stats[1])]
+        )
         progress.update(1)
 
         if state.step % cfg.loop.log_every == 0 or state.step == total_steps:
@@ -681,11 +718,21 @@ def _log(accelerator: Accelerator, csv_log: _CsvLog | None, step: int, values: M
     accelerator.log(dict(values), step=step)
 
 
-def _evaluate(model: torch.nn.Module, eval_set: Any, collator: CrystalCollator, cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any, state: _LoopState) -> dict[str, float]:
+def _evaluate(
+    model: torch.nn.Module,
+    eval_set: Any,
+    collator: CrystalCollator,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    tokenizer: Any,
+    state: _LoopState,
+) -> dict[str, float]:
     """Evaluation loss, the validity check on the main process, and the early-stopping bookkeeping."""
     results = {"eval/loss": evaluate_loss(model, eval_set, collator, cfg, accelerator)}
     if accelerator.is_main_process:
-        validity = sample_validity(accelerator.unwrap_model(model), tokenizer, cfg.eval.num_samples, cfg.eval.max_new_tokens)
+        validity = sample_validity(
+            accelerator.unwrap_model(model), tokenizer, cfg.eval.num_samples, cfg.eval.max_new_tokens
+        )
         if validity is not None:
             results["eval/sample_validity"] = validity
     loss = results["eval/loss"]
@@ -701,7 +748,14 @@ def _evaluate(model: torch.nn.Module, eval_set: Any, collator: CrystalCollator, 
     return results
 
 
-def _save_final(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any, output_dir: Path, state: _LoopState, last: Mapping[str, float]) -> Path:
+def _save_final(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    output_dir: Path,
+    state: _LoopState,
+    last: Mapping[str, float],
+) -> Path:
     """Save the trained model + tokenizer (safetensors) and the run's metrics JSON."""
     final_dir = output_dir / FINAL_DIR
     accelerator.wait_for_everyone()
@@ -711,7 +765,12 @@ def _save_final(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any
         unwrapped.save_pretrained(final_dir, state_dict=state_dict, safe_serialization=True)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(final_dir)
-        metrics = {"steps": state.step, "tokens_seen": state.tokens_seen, "best_eval_loss": state.best_eval_loss, **last}
+        metrics = {
+            "steps": state.step,
+            "tokens_seen": state.tokens_seen,
+            "best_eval_loss": state.best_eval_loss,
+            **last,
+        }
         (output_dir / METRICS_JSON).write_text(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()
     return final_dir

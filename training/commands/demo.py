@@ -28,7 +28,9 @@ DEMO_REPO_ID = "crystal-lm/wyckoff-gpt-mp20-sample-demo"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``demo``."""
     parser.add_argument("--out", default="outputs/demo", help="output folder")
-    parser.add_argument("--config", default=str(DEMO_CONFIG), help="training config (data and output paths are replaced)")
+    parser.add_argument(
+        "--config", default=str(DEMO_CONFIG), help="training config (data and output paths are replaced)"
+    )
     parser.add_argument("--max-steps", type=int, default=150, help="optimiser steps (150 fit in ~5 minutes on 2 cores)")
     parser.add_argument("--num-samples", type=int, default=200, help="crystals to generate")
     parser.add_argument("--batch-size", type=int, default=50, help="generation batch size")
@@ -109,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
 
     report = _timed(
-        timings, "prepare", lambda: prepare_dataset(SAMPLE_CSV, out / "data", representation="wyckoff", num_proc=args.num_proc)
+        timings,
+        "prepare",
+        lambda: prepare_dataset(SAMPLE_CSV, out / "data", representation="wyckoff", num_proc=args.num_proc),
     )
     config = TrainConfig.from_yaml(args.config)
     every = max(1, args.max_steps // 2)
@@ -128,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
 
     tokenizer = WyckoffTokenizer.from_pretrained(str(result.final_model_dir))
     samples = _timed(
-        timings, "generate", lambda: _generate(result.model, tokenizer, args.num_samples, args.batch_size, args.max_new_tokens)
+        timings,
+        "generate",
+        lambda: _generate(result.model, tokenizer, args.num_samples, args.batch_size, args.max_new_tokens),
     )
     cif_dir = out / "cifs"
     cif_dir.mkdir(exist_ok=True)
@@ -154,7 +160,10 @@ def run(args: argparse.Namespace) -> int:
     (result.final_model_dir / "README.md").write_text(card)
 
     rows = [
-        ("structures prepared (train/validation)", f"{report.split_counts.get('train', 0)}/{report.split_counts.get('validation', 0)}"),
+        (
+            "structures prepared (train/validation)",
+            f"{report.split_counts.get('train', 0)}/{report.split_counts.get('validation', 0)}",
+        ),
         ("training steps", str(result.steps)),
         ("final train loss", f"{result.metrics.get('train/loss', float('nan')):.3f}"),
         ("best eval loss", "n/a" if result.best_eval_loss is None else f"{result.best_eval_loss:.3f}"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "Encode crystals (CSV/JSON/Parquet with a CIF column, a CIF folder, a datasets folder or repo id) into sharded Parquet"
+HELP = "Encode crystals (a CIF-column table, a CIF folder, a datasets folder or repo id) into sharded Parquet"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--conditions",
         default="",
-        help="comma-separated text conditions: crystal_system, space_group, elements, composition, stability, <property>",
+        help="comma-separated text conditions (Wyckoff): crystal_system, space_group, elements, composition, "
+        "stability, <property>",
     )
-    parser.add_argument("--split-fractions", default="0.8,0.1,0.1", help="train,validation,test when the input has no splits")
+    parser.add_argument(
+        "--split-fractions", default="0.8,0.1,0.1", help="train,validation,test when the input has no splits"
+    )
     parser.add_argument("--license", default=None, help="override the licence read from the source")
-    parser.add_argument("--tokenizer", default=None, help="a saved tokenizer (path or repo id) instead of the default one")
+    parser.add_argument(
+        "--tokenizer", default=None, help="a saved tokenizer (path or repo id) instead of the default one"
+    )
     parser.add_argument("--limit", type=int, default=None, help="encode only the first N rows")
 
 

@@ -13,9 +13,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
     parser.add_argument("--repo-type", choices=("model", "dataset"), default="model")
     parser.add_argument("--private", action="store_true")
-    parser.add_argument("--metrics", default=None, help="metrics JSON for the card (default: FOLDER/metrics.json or its parent's)")
+    parser.add_argument(
+        "--metrics", default=None, help="metrics JSON for the card (default: FOLDER/metrics.json or its parent's)"
+    )
     parser.add_argument("--license", default="apache-2.0", help="licence of the model weights")
-    parser.add_argument("--dataset", action="append", default=[], help="Hub dataset id the model was trained on (repeatable)")
+    parser.add_argument(
+        "--dataset", action="append", default=[], help="Hub dataset id the model was trained on (repeatable)"
+    )
     parser.add_argument("--local-dir", default=None, help="write the repo files here instead of uploading (offline)")
 
 
