@@ -78,6 +78,7 @@ class SlicesPlusTokenizer(PreTrainedTokenizer):
         symprec: float = codec.ENCODE_SYMPREC,
         angle_tolerance: float = codec.ENCODE_ANGLE_TOLERANCE,
         decode_time_limit_s: float = embedding.EmbeddingParams.time_limit_s,
+        decode_attempts: int = len(embedding.RETRY_VARIANTS),
         bos_token: str = "<bos>",
         eos_token: str = "<eos>",
         pad_token: str = "<pad>",
@@ -99,10 +100,12 @@ class SlicesPlusTokenizer(PreTrainedTokenizer):
         self.symprec = symprec
         self.angle_tolerance = angle_tolerance
         self.decode_time_limit_s = decode_time_limit_s
+        self.decode_attempts = decode_attempts
         super().__init__(
             bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, unk_token=unk_token,
             mask_token=mask_token, symmetry=symmetry, strategy=strategy, max_nodes=max_nodes,
             symprec=symprec, angle_tolerance=angle_tolerance, decode_time_limit_s=decode_time_limit_s,
+            decode_attempts=decode_attempts,
             **kwargs,
         )
 
@@ -210,7 +213,7 @@ class SlicesPlusTokenizer(PreTrainedTokenizer):
         """Decode text to a ``Structure`` whose sites follow the string's nodes; ``CrystalDecodeError``."""
         record = self.string_to_record(text)
         params = embedding.EmbeddingParams(time_limit_s=self.decode_time_limit_s)
-        return embedding.embed(record.graph, record.symops, params)
+        return embedding.embed_checked(record.graph, record.symops, self.strategy, params, self.decode_attempts)
 
     def strings_to_structures(self, texts: Iterable[str]) -> list[Structure | CrystalDecodeError]:
         """Batch ``string_to_structure``: one ``Structure`` or ``CrystalDecodeError`` per text."""

@@ -24,7 +24,7 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from itertools import product
 
@@ -34,9 +34,21 @@ from pymatgen.core import Element, Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 from scipy.optimize import minimize
 
-from crystal_tokenizers.errors import DecodeTimeoutError, EmbeddingError, SymmetryMismatchError
+from crystal_tokenizers.errors import (
+    CrystalDecodeError,
+    CrystalEncodeError,
+    DecodeTimeoutError,
+    EmbeddingError,
+    SymmetryMismatchError,
+)
 from crystal_tokenizers.slices.codec import SymOp
-from crystal_tokenizers.slices.graph import CrystalGraph, orient_edge, shift_gauge
+from crystal_tokenizers.slices.graph import (
+    CrystalGraph,
+    graphs_match,
+    orient_edge,
+    shift_gauge,
+    structure_to_graph,
+)
 from crystal_tokenizers.slices.radii import ALPHA, BETA, RADII
 
 logger = logging.getLogger(__name__)
@@ -673,3 +685,48 @@ def embed(
         raise EmbeddingError("optimisation collapsed the cell")
     wrapped, _ = shift_gauge(frac)
     return Structure(Lattice(lat), list(graph.species), wrapped)
+
+
+RETRY_VARIANTS: tuple[dict[str, float], ...] = (
+    {},
+    {"seed": 1, "angle_slack": 0.9},
+    {"seed": 2, "gap_factor": 1.3, "band_factor": 1.03},
+    {"seed": 3, "pressure_weight": 0.1, "angle_weight": 3.0},
+)
+"""Parameter changes tried in turn by ``embed_checked`` until the decoded graph is the string's."""
+
+
+def embed_checked(
+    graph: CrystalGraph,
+    symops: Sequence[SymOp],
+    strategy: str,
+    params: EmbeddingParams = EmbeddingParams(),
+    attempts: int = len(RETRY_VARIANTS),
+) -> Structure:
+    """``embed``, re-run with the next ``RETRY_VARIANTS`` entry while the decoded crystal's graph (by
+    ``strategy``) differs from ``graph``; returns the first matching crystal, else the first one.
+
+    All attempts share the time box ``params.time_limit_s``.
+    """
+    start = time.monotonic()
+    first: Structure | None = None
+    for k, changes in enumerate(RETRY_VARIANTS[: max(1, attempts)]):
+        remaining = params.time_limit_s - (time.monotonic() - start)
+        if remaining <= 0:
+            break
+        try:
+            structure = embed(graph, symops, replace(params, time_limit_s=remaining, **changes))
+        except CrystalDecodeError:
+            if k == 0:
+                raise
+            continue
+        try:
+            found = structure_to_graph(structure, strategy)
+        except CrystalEncodeError:
+            found = None
+        if found is not None and graphs_match(graph, found):
+            return structure
+        first = first or structure
+    if first is None:
+        raise DecodeTimeoutError(f"embedding exceeded its time box of {params.time_limit_s} s")
+    return first
