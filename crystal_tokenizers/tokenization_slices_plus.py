@@ -41,7 +41,7 @@ from crystal_tokenizers.slices import codec, embedding, graph as graphs
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
 DEFAULT_MAX_NODES = 64
-DEFAULT_TOKENIZER_STRATEGY = "minimumdistancenn"
+DEFAULT_TOKENIZER_STRATEGY = graphs.DEFAULT_STRATEGY
 """Default neighbour strategy. Round trips on the first 40 crystals of ``mp20_sample/train.csv``
 (SLICES-PLUS, this decoder): graph match / StructureMatcher match were minimumdistancenn 0.90 / 0.83,
 econnn 0.70 / 0.85 (``benchmarks/slices_decode.py --strategies`` reproduces the comparison)."""

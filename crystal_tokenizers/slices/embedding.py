@@ -1,19 +1,28 @@
 """Labelled quotient graph (+ symmetry operations) -> coordinates and cell, without an ML potential.
 
-Pipeline (each step a small pure function):
+Pipeline (each step a small function):
 
-1. Barycentric placement: every node at the mean of its bonded neighbours' images, a linear solve
-   of the edge equations ``L x = b`` (graph Laplacian ``L``; Delaney, Olaf, Thimm). Nets whose
-   barycentric placement puts two atoms on one point (or that are not 3-periodic) are repaired by a
-   weighted (non-barycentric) placement and, failing that, a small deterministic perturbation.
-2. Initial cell: the metric tensor that best gives every bond its target length, a 6-unknown linear
-   least-squares problem in the metric, regularised towards a cubic cell of the right volume.
-3. Optimisation (scipy L-BFGS-B, analytic gradients, vectorised numpy) of the lower-triangular cell
-   and fractional positions: harmonic bond-length term toward covalent-radius sums, a one-sided
-   repulsion between non-bonded atoms, and a weak pressure that keeps floppy directions compact.
-4. Symmetry (SLICES-PLUS): every decoded operation must be an automorphism of the labelled graph
-   (found by a backtracking search; ``SymmetryMismatchError`` otherwise); positions and metric are
-   then projected onto the operations (Reynolds average), so the crystal has their point group.
+1. Symmetry (SLICES-PLUS): each decoded rotation must act on the labelled graph as an automorphism
+   (read off the barycentric placement, else a budgeted backtracking search; products of found
+   operations are composed). Inconsistent operations raise ``SymmetryMismatchError`` when
+   ``strict_symmetry``, else they are logged and left out. Plain SLICES: the exact symmetry of the
+   barycentric placement (the net's own) is used instead.
+2. Barycentric placement: every node at the mean of its bonded neighbours' images, a linear solve of
+   the edge equations ``L x = b`` (graph Laplacian ``L``; Delgado-Friedrichs & O'Keeffe, Acta Cryst.
+   A59, 351 (2003)). Placements that put two atoms on one point, or nets that are not 3-periodic,
+   are repaired by a randomly weighted (non-barycentric) placement plus a small seeded perturbation.
+3. Initial cell: the metric tensor that best gives every bond its target length (a 6-unknown linear
+   least-squares problem), projected onto the operations (group average of ``R^T G R``).
+4. Optimisation (scipy L-BFGS-B, analytic gradients, vectorised numpy; gradients projected onto the
+   symmetric subspace) of the lower-triangular cell and the fractional positions: harmonic bond
+   lengths toward the fitted model of ``slices.radii``; a one-sided term keeping two neighbours of an
+   atom at least the smallest angle of the ideal polyhedron apart; a one-sided repulsion between
+   non-bonded atoms; a weak pressure. One refinement then keeps every bond within ``band_factor``
+   and every non-bonded pair beyond ``gap_factor`` of the two atoms' shortest bonds (the
+   MinimumDistanceNN rule).
+5. Positions and metric are projected onto the operations (Reynolds average), so the crystal has the
+   decoded point group; ``embed_checked`` re-runs with other parameters while the decoded crystal's
+   graph differs from the string's.
 
 Every decode is time-boxed (``DecodeTimeoutError``), so fuzzed graphs end in an error, not a hang.
 """
@@ -634,6 +643,19 @@ def symmetrize(
     return frac, metric
 
 
+def _minimise(
+    objective: _Objective, lat: np.ndarray, frac: np.ndarray, params: EmbeddingParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """L-BFGS-B from a lower-triangular cell and positions, then ``params.refinements`` re-runs."""
+    x = np.concatenate([lat[np.tril_indices(3)], frac.ravel()])
+    options = {"maxiter": params.max_iterations}
+    x = minimize(objective, x, jac=True, method="L-BFGS-B", options=options).x
+    for _ in range(params.refinements):
+        objective.tighten(x)
+        x = minimize(objective, x, jac=True, method="L-BFGS-B", options=options).x
+    return _Objective.lattice(x), x[6:].reshape(-1, 3)
+
+
 def embed(
     graph: CrystalGraph, symops: Sequence[SymOp] = (), params: EmbeddingParams = EmbeddingParams()
 ) -> Structure:
@@ -656,24 +678,12 @@ def embed(
                 np.array([op.matrices()[0] for op in symops], dtype=float),
                 np.array([sigma for sigma, _ in actions], dtype=int),
             )
-        lat0 = np.linalg.cholesky(metric)
-        x0 = np.concatenate([lat0[np.tril_indices(3)], frac.ravel()])
-        options = {"maxiter": params.max_iterations}
-        result = minimize(objective, x0, jac=True, method="L-BFGS-B", options=options)
-        for _ in range(params.refinements):
-            objective.tighten(result.x)
-            result = minimize(objective, result.x, jac=True, method="L-BFGS-B", options=options)
-        lat = _Objective.lattice(result.x)
-        frac = result.x[6:].reshape(-1, 3)
-        if not symops and params.detect_symmetry:
+        lat, frac = _minimise(objective, np.linalg.cholesky(metric), frac, params)
+        if not symops and params.detect_symmetry:  # symmetry blurred by a repaired placement
             symops, actions = detect_symmetry(graph, frac, lat)
             if len(symops) > 1:
                 frac, metric = symmetrize(frac, lat @ lat.T, symops, actions)
-                lat = np.linalg.cholesky(metric)
-                x = np.concatenate([lat[np.tril_indices(3)], frac.ravel()])
-                result = minimize(objective, x, jac=True, method="L-BFGS-B", options=options)
-                lat = _Objective.lattice(result.x)
-                frac = result.x[6:].reshape(-1, 3)
+                lat, frac = _minimise(objective, np.linalg.cholesky(metric), frac, replace(params, refinements=0))
         if symops:
             frac, metric = symmetrize(frac, lat @ lat.T, symops, actions)
             lat = np.linalg.cholesky(metric)
