@@ -1,0 +1,31 @@
+"""SLICES / SLICES-PLUS: crystal graphs as text, and our own graph -> crystal decoder.
+
+``graph`` (Structure <-> labelled quotient graph), ``codec`` (graph + symmetry operations <-> text),
+``embedding`` (graph -> coordinates and cell). ``SlicesPlusTokenizer`` wraps them for HuggingFace.
+"""
+
+from crystal_tokenizers.slices.codec import SlicesRecord, SymOp, format_record, parse_record, symmetry_operations
+from crystal_tokenizers.slices.embedding import EmbeddingParams, embed, embed_checked
+from crystal_tokenizers.slices.graph import (
+    DEFAULT_STRATEGY,
+    NEIGHBOUR_STRATEGIES,
+    CrystalGraph,
+    graphs_match,
+    structure_to_graph,
+)
+
+__all__ = [
+    "DEFAULT_STRATEGY",
+    "NEIGHBOUR_STRATEGIES",
+    "CrystalGraph",
+    "EmbeddingParams",
+    "SlicesRecord",
+    "SymOp",
+    "embed",
+    "embed_checked",
+    "format_record",
+    "graphs_match",
+    "parse_record",
+    "structure_to_graph",
+    "symmetry_operations",
+]
