@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mattergpt_experiments import (  # noqa: E402 - sibling benchmark script
+from mattergpt_experiments import (
     JUDGE_SYMPREC,
     hash_split,
     log,
@@ -42,19 +42,28 @@ from mattergpt_experiments import (  # noqa: E402 - sibling benchmark script
     train_budgeted,
 )
 
-from crystal_tokenizers import CrystalError  # noqa: E402
-from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer  # noqa: E402
-from modeling.configuration_mattergpt import MatterGPTConfig  # noqa: E402
-from modeling.modeling_mattergpt import MatterGPTForCausalLM, MatterGPTForSequenceClassification  # noqa: E402
-from training.finetune import FinetuneConfig, condition_tensors, finetune, load_finetuned, write_training_split  # noqa: E402
-from training.loop import train  # noqa: E402
+from crystal_tokenizers import CrystalError
+from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
+from modeling.configuration_mattergpt import MatterGPTConfig
+from modeling.modeling_mattergpt import (
+    MatterGPTForCausalLM,
+    MatterGPTForSequenceClassification,
+)
+from training.finetune import (
+    FinetuneConfig,
+    condition_tensors,
+    finetune,
+    load_finetuned,
+    write_training_split,
+)
+from training.loop import train
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OUT_DIR = Path(__file__).resolve().parents[1] / "outputs" / "finetune_elastic"
 PROPERTIES = ("bulk_modulus_gpa", "shear_modulus_gpa")
 TARGETS = ((200.0, 100.0), (50.0, 30.0))
 """(K, G) targets in GPa, as in the SLICES-PLUS paper."""
-MODEL_SIZE = dict(n_layer=2, n_head=4, n_embd=128, n_inner=512)
+MODEL_SIZE = {"n_layer": 2, "n_head": 4, "n_embd": 128, "n_inner": 512}
 """Blocks per flow, heads, width, feed-forward width (paper: 8/8/512/2048), sized for shared CPUs."""
 
 
@@ -234,8 +243,8 @@ def main() -> None:
     (OUT_DIR / "results.json").write_text(json.dumps(results, indent=1))
     print(f"{'condition':<22}{'decoded':>9}{'cubic|dec':>11}{'judged':>8}{'med K':>8}{'med G':>8}")
     for name, r in results["targets"].items():
-        print(f"{name:<22}{r['decoded_share']:>9}{str(r['cubic_share_of_decoded']):>11}{r['judged']:>8}"
-              f"{str(r['median_predicted_K_gpa']):>8}{str(r['median_predicted_G_gpa']):>8}")
+        print(f"{name:<22}{r['decoded_share']:>9}{r['cubic_share_of_decoded']!s:>11}{r['judged']:>8}"
+              f"{r['median_predicted_K_gpa']!s:>8}{r['median_predicted_G_gpa']!s:>8}")
     print(json.dumps(results))
 
 

@@ -29,12 +29,18 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mattergpt_experiments import generation_pool, log, predict, sample_texts, train_predictor  # noqa: E402
+from mattergpt_experiments import (
+    generation_pool,
+    log,
+    predict,
+    sample_texts,
+    train_predictor,
+)
 
-from crystal_tokenizers import CrystalError  # noqa: E402
-from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer  # noqa: E402
-from modeling.modeling_mattergpt import MatterGPTForCausalLM  # noqa: E402
-from training.ranking import generate_ranked  # noqa: E402
+from crystal_tokenizers import CrystalError
+from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
+from modeling.modeling_mattergpt import MatterGPTForCausalLM
+from training.ranking import generate_ranked
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "outputs" / "ranked_sampling"
