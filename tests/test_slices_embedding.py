@@ -6,10 +6,12 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pymatgen.core import Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from crystal_tokenizers.errors import DecodeTimeoutError, EmbeddingError, SymmetryMismatchError
+from crystal_tokenizers.errors import CrystalDecodeError, DecodeTimeoutError, EmbeddingError, SymmetryMismatchError
 from crystal_tokenizers.slices import codec, embedding
 from crystal_tokenizers.slices.graph import CrystalGraph, graphs_match, structure_to_graph
 
@@ -69,3 +71,26 @@ def test_time_box_ends_a_decode_with_a_typed_error(rocksalt):
     graph = structure_to_graph(rocksalt.make_supercell([2, 2, 2], in_place=False), "minimumdistancenn")
     with pytest.raises(DecodeTimeoutError):
         embedding.embed(graph, (), embedding.EmbeddingParams(time_limit_s=1e-4))
+
+
+@st.composite
+def random_graphs(draw) -> CrystalGraph:
+    """Grammatical random crystal graphs: 1-8 nodes, 1-16 edges with random image offsets."""
+    n = draw(st.integers(1, 8))
+    species = tuple(draw(st.sampled_from(["Na", "Cl", "O", "Si", "Fe"])) for _ in range(n))
+    offsets = st.tuples(*[st.integers(-1, 1)] * 3)
+    raw = draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1), offsets), min_size=1, max_size=16))
+    edges = tuple((i, j, *v) for i, j, v in raw if not (i == j and v == (0, 0, 0)))
+    return CrystalGraph(species, edges).canonical()
+
+
+@given(random_graphs())
+@settings(max_examples=30, deadline=None)
+def test_random_graphs_decode_or_fail_typed_within_the_time_box(graph):
+    start = time.monotonic()
+    try:
+        result = embedding.embed_checked(graph, (), "minimumdistancenn", embedding.EmbeddingParams(time_limit_s=1.0))
+        assert isinstance(result, Structure) and len(result) == graph.num_nodes
+    except CrystalDecodeError:
+        pass
+    assert time.monotonic() - start < 3.0  # time box plus the final graph check
