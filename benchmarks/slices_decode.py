@@ -2,7 +2,7 @@
 
 Encodes the first ``--n`` crystals of the bundled MP-20 sample, decodes every string, and prints one
 table: decoded / graph-match / StructureMatcher-match rates and the median decode time per structure
-(one thread), for our decoder on SLICES-PLUS strings (default neighbour strategy) and on plain EconNN
+(one thread; wall and CPU time, the CPU time being the per-core figure on a shared machine), for our decoder on SLICES-PLUS strings (default neighbour strategy) and on plain EconNN
 SLICES strings, and for the published decoder (M3GNet on TensorFlow) on the same plain EconNN strings
 of the first ``--reference-n`` crystals when ``--reference DIR`` points at the environment made by
 ``../shared/reference/slices/setup.sh DIR``. Ratios compare ours with the reference on those crystals.
@@ -48,11 +48,12 @@ class Row:
     graph: int
     matched: int
     seconds: list[float]
+    cpu_seconds: list[float]
 
     def cells(self) -> list[str]:
-        median = float(np.median(self.seconds)) if self.seconds else float("nan")
+        wall, cpu = float(np.median(self.seconds)), float(np.median(self.cpu_seconds))
         return [self.name, str(self.n), f"{self.decoded / self.n:.3f}", f"{self.graph / self.n:.3f}",
-                f"{self.matched / self.n:.3f}", f"{median:.3f}", f"{1 / median:.2f}"]
+                f"{self.matched / self.n:.3f}", f"{wall:.3f}", f"{cpu:.3f}", f"{1 / cpu:.2f}"]
 
 
 def load_structures(n: int) -> list[Structure]:
@@ -67,7 +68,7 @@ def load_structures(n: int) -> list[Structure]:
 def run_ours(name: str, tokenizer: SlicesPlusTokenizer, structures: list[Structure]) -> tuple[Row, list[str | None]]:
     """Encode, decode (timed) and check every structure with our tokenizer."""
     matcher = StructureMatcher()
-    row = Row(name, len(structures), 0, 0, 0, [])
+    row = Row(name, len(structures), 0, 0, 0, [], [])
     texts: list[str | None] = []
     for structure in structures:
         try:
@@ -76,13 +77,15 @@ def run_ours(name: str, tokenizer: SlicesPlusTokenizer, structures: list[Structu
             texts.append(None)
             continue
         texts.append(text)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             decoded = tokenizer.string_to_structure(text)
         except CrystalDecodeError:
-            row.seconds.append(time.perf_counter() - start)
-            continue
+            decoded = None
         row.seconds.append(time.perf_counter() - start)
+        row.cpu_seconds.append(time.process_time() - cpu_start)
+        if decoded is None:
+            continue
         row.decoded += 1
         row.graph += tokenizer.graph_matches(structure, decoded)
         row.matched += matcher.fit(structure, decoded)
@@ -91,7 +94,7 @@ def run_ours(name: str, tokenizer: SlicesPlusTokenizer, structures: list[Structu
 
 def run_reference(env: Path, texts: list[str | None], structures: list[Structure], checker: SlicesPlusTokenizer) -> Row:
     """Decode plain SLICES strings with the published package in its own environment."""
-    row = Row("published slices 2.0.12 (M3GNet), plain EconNN SLICES", len(texts), 0, 0, 0, [])
+    row = Row("published slices 2.0.12 (M3GNet), plain EconNN SLICES", len(texts), 0, 0, 0, [], [])
     usable = [(k, t) for k, t in enumerate(texts) if t is not None]
     with tempfile.TemporaryDirectory() as tmp:
         strings = Path(tmp) / "strings.txt"
@@ -104,6 +107,7 @@ def run_reference(env: Path, texts: list[str | None], structures: list[Structure
         record = json.loads(line)
         k = usable[record["index"]][0]
         row.seconds.append(record["seconds"])
+        row.cpu_seconds.append(record["cpu_seconds"])
         if "cif" not in record:
             continue
         with warnings.catch_warnings():
@@ -136,19 +140,21 @@ def main() -> None:
             rows.append(run_ours(f"ours, plain EconNN SLICES, first {k}", plain, structures[:k])[0])
             rows.append(run_reference(args.reference, plain_texts[:k], structures[:k], plain))
             ours, ref = rows[-2], rows[-1]
-            speed = np.median(ref.seconds) / np.median(ours.seconds)
-            reference_note = (f"on the same {k} strings: ours is {speed:.0f}x faster (median), graph match "
+            speed = np.median(ref.cpu_seconds) / np.median(ours.cpu_seconds)
+            reference_note = (f"on the same {k} strings: ours is {speed:.0f}x faster (median CPU time), graph match "
                               f"{ours.graph / k:.3f} vs {ref.graph / k:.3f}, StructureMatcher {ours.matched / k:.3f} "
                               f"vs {ref.matched / k:.3f}")
         else:
             reference_note = f"reference not run: {args.reference}/bin/python does not exist"
-    header = ["decoder, strings", "n", "decoded", "graph match", "StructureMatcher", "median s", "structures/s"]
+    header = ["decoder, strings", "n", "decoded", "graph match", "StructureMatcher", "median wall s",
+              "median CPU s", "structures/s per core (CPU)"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row.cells()) + " |")
     print(f"\n{reference_note}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}, "
           f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
           f"python {sys.version.split()[0]}")
 

@@ -5,7 +5,8 @@ Run with the reference environment made by ``../shared/reference/slices/setup.sh
     DIR/bin/python benchmarks/slices_reference_compare.py STRINGS.txt > RESULTS.jsonl
 
 Input: one plain SLICES string per line (edges as ``i j a b c``). Output: one JSON object per line with
-``index``, ``seconds`` (wall time of ``SLICES2structure``) and ``cif`` or ``error``. Every decode runs
+``index``, ``seconds`` (wall time of ``SLICES2structure``), ``cpu_seconds`` (CPU time, xtb children
+included) and ``cif`` or ``error``. Every decode runs
 under a time limit (``--timeout``, s). ``benchmarks/slices_decode.py`` drives this script.
 """
 
@@ -16,6 +17,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -32,6 +34,12 @@ def _alarm(signum, frame):  # noqa: ARG001
     raise _Timeout
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the xtb runs), in s."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("strings")
@@ -45,7 +53,7 @@ def main() -> None:
     with open(args.strings, encoding="utf-8") as handle:
         lines = [line.strip() for line in handle if line.strip()]
     for index, text in enumerate(lines):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         record: dict = {"index": index}
         signal.alarm(args.timeout)
         try:
@@ -59,6 +67,7 @@ def main() -> None:
         finally:
             signal.alarm(0)
         record["seconds"] = time.perf_counter() - start
+        record["cpu_seconds"] = _cpu_seconds() - cpu_start
         print(json.dumps(record), file=out, flush=True)
 
 
