@@ -358,14 +358,18 @@ def train_generator(
     return model, stats, len(pool) - len(keep)
 
 
-def train_predictor(
-    tokenizer: SlicesPlusTokenizer, pool: pd.DataFrame, budget_s: float, max_len: int
-) -> tuple[MatterGPTForSequenceClassification, TrainStats, float, float, float]:
-    """Ef regressor (eV/atom, standardised target) on the predictor part; returns model, stats, mean, std, val MAE."""
+def predictor_split(pool: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, float, float]:
+    """Predictor-part train/val rows (val: 10 % by key hash) and the Ef scaling (mean, std in eV/atom) of train."""
     held_out = pool.key.map(lambda k: hash_split("val:" + k, 0.1))
     train, val = pool[~held_out], pool[held_out]
+    return train, val, float(train.formation_energy_per_atom.mean()), float(train.formation_energy_per_atom.std())
+
+
+def train_predictor(
+    tokenizer: SlicesPlusTokenizer, train: pd.DataFrame, mean: float, std: float, budget_s: float, max_len: int
+) -> tuple[MatterGPTForSequenceClassification, TrainStats]:
+    """Single-flow Ef regressor trained on the standardised target ``(Ef - mean) / std``."""
     ids = [seq[-max_len:] for seq in token_ids(tokenizer, train.text.tolist())]
-    mean, std = float(train.formation_energy_per_atom.mean()), float(train.formation_energy_per_atom.std())
     targets = torch.tensor(((train.formation_energy_per_atom - mean) / std).to_numpy(), dtype=torch.float32)
     config = small_config(tokenizer, max_len, dual_flow=False, num_labels=1, problem_type="regression",
                           condition_dropout=0.0)
@@ -376,18 +380,16 @@ def train_predictor(
         batch_ids, mask = pad([ids[i] for i in batch], tokenizer.pad_token_id)
         return model(batch_ids, attention_mask=mask, labels=targets[batch]).loss
 
-    stats = train_budgeted(model, [len(s) for s in ids], step_loss, budget_s, max_tokens=4096)
-    predicted = predict(model, tokenizer, val.text.tolist(), max_len)[:, 0] * std + mean
-    mae = float((predicted - torch.tensor(val.formation_energy_per_atom.to_numpy())).abs().mean())
-    return model, stats, mean, std, mae
+    return model, train_budgeted(model, [len(s) for s in ids], step_loss, budget_s, max_tokens=4096)
 
 
 @torch.no_grad()
 def sample_texts(
     model: MatterGPTForCausalLM, tokenizer: SlicesPlusTokenizer, n: int, max_new_tokens: int,
-    crystal_system: int | None = None, formation_energy: float | None = None, batch_size: int = 50,
+    crystal_system: int | None = None, formation_energy: float | None = None, temperature: float = 1.0,
+    top_k: int = 50, batch_size: int = 50,
 ) -> list[str]:
-    """``n`` sampled strings (temperature 1, top-k 50) under the given conditions (``None`` = unconditioned).
+    """``n`` sampled strings under the given conditions (``None`` = unconditioned).
 
     A sequence holding ``<unk>``/``<mask>`` is returned as ``""`` (it cannot decode).
     """
@@ -401,7 +403,7 @@ def sample_texts(
             kwargs["properties"] = torch.full((size, 1), formation_energy)
         out = model.generate(
             torch.full((size, 1), tokenizer.bos_token_id), attention_mask=torch.ones(size, 1, dtype=torch.long),
-            do_sample=True, temperature=1.0, top_k=50, max_new_tokens=max_new_tokens,
+            do_sample=True, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs,
         )
         texts += [_text_or_empty(tokenizer, ids) for ids in out.tolist()]
@@ -438,27 +440,36 @@ def generate(args: argparse.Namespace) -> dict:
     pool = generation_pool(tokenizer, plain, args.predictor_fraction)
     generator_part, predictor_part = pool[pool.part == "generator"], pool[pool.part == "predictor"]
     log(f"pool {len(pool)}: generator {len(generator_part)}, predictor {len(predictor_part)}")
-    generator, gen_stats, dropped = train_generator(tokenizer, generator_part, args.budget_s, args.max_len, args.lr)
-    generator.save_pretrained(OUT_DIR / "generator")
-    predictor, pred_stats, mean, std, mae = train_predictor(tokenizer, predictor_part, args.predictor_budget_s,
-                                                            args.max_len)
-    predictor.save_pretrained(OUT_DIR / "predictor")
-    results = {
-        "pool": len(pool), "generator_strings": len(generator_part), "generator_dropped_longer_than_max_len": dropped,
-        "predictor_strings": len(predictor_part), "max_len": args.max_len, "generator_lr": args.lr,
-        "generator_training": asdict(gen_stats),
-        "predictor_training": asdict(pred_stats), "predictor_val_mae_ev_per_atom": round(mae, 3),
-        "generator_part_median_ef": round(float(generator_part.formation_energy_per_atom.median()), 3),
-        "crystal_system_targets": {}, "formation_energy_targets": {},
-    }
+    predictor_train, predictor_val, mean, std = predictor_split(predictor_part)
+    sampling = {"temperature": args.temperature, "top_k": args.top_k}
+    results = {"pool": len(pool), "generator_strings": len(generator_part), "predictor_strings": len(predictor_part),
+               "max_len": args.max_len, "sampling": sampling}
+    if args.reuse:
+        generator = MatterGPTForCausalLM.from_pretrained(OUT_DIR / "generator").eval()
+        predictor = MatterGPTForSequenceClassification.from_pretrained(OUT_DIR / "predictor").eval()
+        results["models"] = f"reused from {OUT_DIR}"
+    else:
+        generator, gen_stats, dropped = train_generator(tokenizer, generator_part, args.budget_s, args.max_len, args.lr)
+        generator.save_pretrained(OUT_DIR / "generator")
+        predictor, pred_stats = train_predictor(tokenizer, predictor_train, mean, std, args.predictor_budget_s,
+                                                args.max_len)
+        predictor.save_pretrained(OUT_DIR / "predictor")
+        results.update({"generator_dropped_longer_than_max_len": dropped, "generator_lr": args.lr,
+                        "generator_training": asdict(gen_stats), "predictor_training": asdict(pred_stats)})
+    predicted_val = predict(predictor, tokenizer, predictor_val.text.tolist(), args.max_len)[:, 0] * std + mean
+    results["predictor_val_mae_ev_per_atom"] = round(
+        float((predicted_val - torch.tensor(predictor_val.formation_energy_per_atom.to_numpy())).abs().mean()), 3
+    )
+    results["generator_part_median_ef"] = round(float(generator_part.formation_energy_per_atom.median()), 3)
+    results["crystal_system_targets"], results["formation_energy_targets"] = {}, {}
 
     def predicted_ef(texts: Sequence[str]) -> list[float]:
         return (predict(predictor, tokenizer, texts, args.max_len)[:, 0] * std + mean).tolist() if texts else []
 
     for system in range(len(CRYSTAL_SYSTEMS)):
         start = time.perf_counter()
-        records = judge(sample_texts(generator, tokenizer, args.samples, args.max_len - 1, crystal_system=system),
-                        tokenizer)
+        texts = sample_texts(generator, tokenizer, args.samples, args.max_len - 1, crystal_system=system, **sampling)
+        records = judge(texts, tokenizer)
         decoded = [r for r in records if r["decoded"]]
         results["crystal_system_targets"][CRYSTAL_SYSTEMS[system]] = {
             "decoded_share": len(decoded) / len(records),
@@ -470,7 +481,7 @@ def generate(args: argparse.Namespace) -> dict:
         }
         log(f"{CRYSTAL_SYSTEMS[system]}: {results['crystal_system_targets'][CRYSTAL_SYSTEMS[system]]}")
     for target in args.ef_targets:
-        texts = sample_texts(generator, tokenizer, args.samples, args.max_len - 1, formation_energy=target)
+        texts = sample_texts(generator, tokenizer, args.samples, args.max_len - 1, formation_energy=target, **sampling)
         records = judge(texts, tokenizer)
         judged = predicted_ef([r["reencoded"] for r in records if r["reencoded"]])
         raw = predicted_ef([t for t in texts if t.strip()])
@@ -497,6 +508,10 @@ def main() -> None:
     gen.add_argument("--predictor-fraction", type=float, default=0.35)
     gen.add_argument("--max-len", type=int, default=768)
     gen.add_argument("--samples", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--reuse", action="store_true", help="load the saved generator and predictor, only sample")
+    gen.add_argument("--run-name", default="generate", help="name of the results JSON")
     gen.add_argument("--decode-time-limit-s", type=float, default=2.0, help="decoder time box per string")
     gen.add_argument("--ef-targets", type=float, nargs="+", default=[-0.5, -2.5], help="eV/atom")
     parser.add_argument("--threads", type=int, default=1)
@@ -508,7 +523,7 @@ def main() -> None:
     results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / f"{args.command}.json"
+    path = OUT_DIR / f"{getattr(args, 'run_name', args.command)}.json"
     path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
     log(f"wrote {path}")
