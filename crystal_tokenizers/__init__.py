@@ -18,6 +18,7 @@ from crystal_tokenizers.errors import (
     UnsupportedElementError,
 )
 from crystal_tokenizers.tokenization_wyckoff import WyckoffTokenizer
+from crystal_tokenizers.wyckoff.grammar import WyckoffGrammarLogitsProcessor
 from crystal_tokenizers.wyckoff.orbits import CRYSTAL_SYSTEMS, crystal_system
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "SymmetryAnalysisError",
     "SymmetryMismatchError",
     "UnsupportedElementError",
+    "WyckoffGrammarLogitsProcessor",
     "WyckoffTokenizer",
     "crystal_system",
 ]

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from modeling.configuration_mattergpt import MatterGPTConfig
 from modeling.configuration_wyckoff_gpt import WyckoffGPTConfig
+from modeling.generation import GenerateNumericOutput, NumericValuesProcessor
 from modeling.modeling_mattergpt import (
     MatterGPTForCausalLM,
     MatterGPTForSequenceClassification,
@@ -27,11 +28,13 @@ AutoModel.register(WyckoffGPTConfig, WyckoffGPTModel, exist_ok=True)
 AutoModelForCausalLM.register(WyckoffGPTConfig, WyckoffGPTForCausalLM, exist_ok=True)
 
 __all__ = [
+    "GenerateNumericOutput",
     "MatterGPTConfig",
     "MatterGPTForCausalLM",
     "MatterGPTForSequenceClassification",
     "MatterGPTModel",
     "MatterGPTPreTrainedModel",
+    "NumericValuesProcessor",
     "WyckoffGPTConfig",
     "WyckoffGPTForCausalLM",
     "WyckoffGPTModel",
