@@ -17,6 +17,7 @@ from crystal_tokenizers.errors import (
     SymmetryMismatchError,
     UnsupportedElementError,
 )
+from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
 from crystal_tokenizers.tokenization_wyckoff import WyckoffTokenizer
 from crystal_tokenizers.wyckoff.grammar import WyckoffGrammarLogitsProcessor
 from crystal_tokenizers.wyckoff.orbits import CRYSTAL_SYSTEMS, crystal_system
@@ -35,6 +36,7 @@ __all__ = [
     "InvalidStructureError",
     "InvalidWyckoffError",
     "MalformedSequenceError",
+    "SlicesPlusTokenizer",
     "SymmetryAnalysisError",
     "SymmetryMismatchError",
     "UnsupportedElementError",
