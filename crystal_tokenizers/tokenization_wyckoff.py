@@ -238,6 +238,20 @@ class WyckoffTokenizer(PreTrainedTokenizer):
         )
         return codec.tokens_to_text(codec.conditions_to_tokens(resolved) + [codec.SEP])
 
+    def prompt_inputs(self, prompts: Sequence[str] | None = None, return_tensors: str = "pt", **conditions: Any) -> BatchEncoding:
+        """Model inputs for ``generate``: ``<bos> prompt`` per prompt, left-padded, no ``<eos>``.
+
+        Without ``prompts``, one prompt is built from ``conditions`` (see :meth:`condition_prefix`).
+        """
+        texts = list(prompts) if prompts is not None else [self.condition_prefix(**conditions)]
+        side = self.padding_side
+        self.padding_side = "left"
+        try:
+            return self([f"{self.bos_token} {text}" for text in texts], add_special_tokens=False, padding=True,
+                        return_tensors=return_tensors)
+        finally:
+            self.padding_side = side
+
     def string_to_crystal(self, text: str) -> codec.WyckoffCrystal:
         """Parse text into the codec's ``WyckoffCrystal`` (no geometry built)."""
         return codec.tokens_to_crystal(codec.text_to_tokens(text))

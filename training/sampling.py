@@ -61,15 +61,7 @@ class GeneratedCrystal:
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """``<bos> prompt`` for each prompt (no ``<eos>``), left-padded: input_ids, attention_mask, numeric_values."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        encoded = tokenizer(
-            [f"{tokenizer.bos_token} {prompt}" for prompt in prompts],
-            add_special_tokens=False, padding=True, return_tensors="pt",
-        )
-    finally:
-        tokenizer.padding_side = side
+    encoded = tokenizer.prompt_inputs(prompts)
     return {key: encoded[key] for key in ("input_ids", "attention_mask", "numeric_values")}
 
 
