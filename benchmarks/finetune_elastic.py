@@ -13,7 +13,8 @@ and at most ``--max-len`` tokens are kept. A hash of the string splits them into
    the judge part; its MAE on a held-out 10 % of the judge part is printed.
 4. For each target (K, G) = (200, 100) and (50, 30) GPa, and for the unconditioned base (the baseline),
    ``--samples`` strings are drawn, decoded (plain-SLICES decoder), labelled by spglib (symprec 0.1) and
-   the decoded structures, re-encoded, are judged. The same judging of real judge-part strings is the
+   the decoded structures, re-encoded, are judged (and, as a token-level check of the conditioning,
+   every sampled string as it is). The same judging of real judge-part strings is the
    reference (what the decoder and spglib give for true cubic crystals).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/finetune_elastic.py --pretrain-steps 300 --finetune-steps 150
@@ -171,7 +172,10 @@ def judge_samples(texts: list[str], tokenizer: SlicesPlusTokenizer, judge: tuple
             pass
     fitting = [t for t in reencoded if len(tokenizer.tokenize(t)) + 2 <= max_len]
     predicted = predict(model, tokenizer, fitting, max_len).numpy() * std + mean if fitting else np.empty((0, 2))
+    strings = [t for t in texts if t.strip()]
+    raw = predict(model, tokenizer, strings, max_len).numpy() * std + mean if strings else np.full((1, 2), np.nan)
     return {
+        "median_predicted_K_G_all_strings_gpa": [round(float(v), 1) for v in np.median(raw, axis=0)],
         "samples": len(texts),
         "decoded_share": round(len(cubic) / len(texts), 3),
         "cubic_share_of_decoded": round(sum(cubic) / len(cubic), 3) if cubic else None,
