@@ -151,6 +151,11 @@ class WyckoffTokenizer(PreTrainedTokenizer):
         kinds["scalar"] = [self._token_to_id[f"prop:{name}"] for name in self.property_names]
         return kinds
 
+    @property
+    def element_token_ids(self) -> list[int]:
+        """Ids of the element tokens H..Lr (the species a masked model may predict)."""
+        return [self._token_to_id[symbol] for symbol in codec.ELEMENTS]
+
     def _encode_plus(self, text: Any, text_pair: Any = None, **kwargs: Any) -> BatchEncoding:
         is_single_text = isinstance(text, str) and (text_pair is None or isinstance(text_pair, str))
         if not is_single_text:

@@ -2,22 +2,39 @@
 
 Importing this package registers the configurations and models with the Auto classes, so that
 ``AutoConfig`` / ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification`` resolve
-``model_type`` ``mattergpt`` and ``wyckoff_gpt`` in-process; saved folders also carry the remote code
+``model_type`` ``mattergpt``, ``wyckoff_gpt`` and ``crystal_mlm`` in-process; saved folders also carry the remote code
 (``auto_map``) and load anywhere crystal-lm is installed with ``trust_remote_code=True``.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+)
 
+from modeling.configuration_crystal_mlm import CrystalMLMConfig
 from modeling.configuration_mattergpt import MatterGPTConfig
 from modeling.configuration_wyckoff_gpt import WyckoffGPTConfig
 from modeling.generation import GenerateNumericOutput, NumericValuesProcessor
+from modeling.modeling_crystal_mlm import (
+    CrystalMLMForMaskedLM,
+    CrystalMLMForSequenceClassification,
+    CrystalMLMModel,
+    CrystalMLMPreTrainedModel,
+)
 from modeling.modeling_mattergpt import (
     MatterGPTForCausalLM,
     MatterGPTForSequenceClassification,
     MatterGPTModel,
     MatterGPTPreTrainedModel,
 )
-from modeling.modeling_wyckoff_gpt import WyckoffGPTForCausalLM, WyckoffGPTModel, WyckoffGPTPreTrainedModel
+from modeling.modeling_wyckoff_gpt import (
+    WyckoffGPTForCausalLM,
+    WyckoffGPTModel,
+    WyckoffGPTPreTrainedModel,
+)
 
 AutoConfig.register(MatterGPTConfig.model_type, MatterGPTConfig, exist_ok=True)
 AutoModel.register(MatterGPTConfig, MatterGPTModel, exist_ok=True)
@@ -26,8 +43,17 @@ AutoModelForSequenceClassification.register(MatterGPTConfig, MatterGPTForSequenc
 AutoConfig.register(WyckoffGPTConfig.model_type, WyckoffGPTConfig, exist_ok=True)
 AutoModel.register(WyckoffGPTConfig, WyckoffGPTModel, exist_ok=True)
 AutoModelForCausalLM.register(WyckoffGPTConfig, WyckoffGPTForCausalLM, exist_ok=True)
+AutoConfig.register(CrystalMLMConfig.model_type, CrystalMLMConfig, exist_ok=True)
+AutoModel.register(CrystalMLMConfig, CrystalMLMModel, exist_ok=True)
+AutoModelForMaskedLM.register(CrystalMLMConfig, CrystalMLMForMaskedLM, exist_ok=True)
+AutoModelForSequenceClassification.register(CrystalMLMConfig, CrystalMLMForSequenceClassification, exist_ok=True)
 
 __all__ = [
+    "CrystalMLMConfig",
+    "CrystalMLMForMaskedLM",
+    "CrystalMLMForSequenceClassification",
+    "CrystalMLMModel",
+    "CrystalMLMPreTrainedModel",
     "GenerateNumericOutput",
     "MatterGPTConfig",
     "MatterGPTForCausalLM",
