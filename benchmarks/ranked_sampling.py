@@ -9,7 +9,8 @@ target Ef (eV/atom). Two MatterGPT regressors are trained here, on disjoint data
 - the *judge*, on the *predictor* part, which neither the generator nor the ranker saw.
 
 ``training.ranking.generate_ranked`` keeps the ``--keep`` candidates the ranker puts closest to the target;
-the unranked baseline is the first ``--keep`` candidates of the same stream. Both are scored by the judge
+the unranked baseline is the first ``--keep`` candidates of the same stream. ``--candidates`` re-ranks the
+streamed ``candidates.csv`` of an earlier run (same candidates, new regressors) instead of sampling. Both are scored by the judge
 (mean absolute deviation from the target, eV/atom, on the token strings) and, with ``--decode``, by the
 share that decodes to a structure.
 
@@ -74,7 +75,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=768)
     parser.add_argument("--predictor-fraction", type=float, default=0.35, help="as in mattergpt_experiments")
-    parser.add_argument("--predictor-budget-s", type=float, default=150.0, help="training seconds per regressor")
+    parser.add_argument("--ranker-budget-s", type=float, default=360.0, help="ranker training seconds")
+    parser.add_argument("--predictor-budget-s", type=float, default=150.0, help="judge training seconds")
+    parser.add_argument("--candidates", help="re-rank the candidates.csv of an earlier run instead of sampling")
     parser.add_argument("--decode", action="store_true", help="also decode the kept and baseline strings")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -86,20 +89,29 @@ def main() -> None:
     wall = {}
 
     t0 = time.perf_counter()
-    ranker, _, r_mean, r_std, ranker_mae = train_predictor(tokenizer, generator_part, args.predictor_budget_s, args.max_len)
+    ranker, _, r_mean, r_std, ranker_mae = train_predictor(tokenizer, generator_part, args.ranker_budget_s, args.max_len)
     judge, _, j_mean, j_std, judge_mae = train_predictor(tokenizer, predictor_part, args.predictor_budget_s, args.max_len)
     wall["regressors"] = round(time.perf_counter() - t0, 1)
     log(f"ranker MAE {ranker_mae:.3f}, judge MAE {judge_mae:.3f} eV/atom (held-out 10 % of their parts)")
+    ranker.save_pretrained(OUT_DIR / "ranker")
+    judge.save_pretrained(OUT_DIR / "judge")
     rank_ef = regressor(ranker, tokenizer, r_mean, r_std, args.max_len)
     judge_ef = regressor(judge, tokenizer, j_mean, j_std, args.max_len)
 
-    generator = MatterGPTForCausalLM.from_pretrained(args.generator).eval()
-    torch.manual_seed(0)
+    if args.candidates:
+        saved = pd.read_csv(args.candidates, keep_default_na=False)
+        stream = iter([text if str(ok) == "True" else None for text, ok in zip(saved.text, saved.decoded)])
 
-    def sample_fn(size: int) -> list[str | None]:
-        texts = sample_texts(generator, tokenizer, size, args.max_len - 1, formation_energy=args.target,
-                             batch_size=size)
-        return [text if text.strip() else None for text in texts]
+        def sample_fn(size: int) -> list[str | None]:
+            return [next(stream) for _ in range(size)]
+    else:
+        generator = MatterGPTForCausalLM.from_pretrained(args.generator).eval()
+        torch.manual_seed(0)
+
+        def sample_fn(size: int) -> list[str | None]:
+            texts = sample_texts(generator, tokenizer, size, args.max_len - 1, formation_energy=args.target,
+                                 batch_size=size)
+            return [text if text.strip() else None for text in texts]
 
     t0 = time.perf_counter()
     result = generate_ranked(
@@ -128,7 +140,8 @@ def main() -> None:
         "target_ef": args.target, "n": args.n, "keep": args.keep, "sampled": result.sampled,
         "token_strings": result.decoded, "scored": result.scored,
         "ranker_val_mae": round(ranker_mae, 3), "judge_val_mae": round(judge_mae, 3),
-        "generator": args.generator, "generator_part": len(generator_part), "predictor_part": len(predictor_part),
+        "generator": args.generator, "candidates": args.candidates,
+        "ranker_prediction_std": round(float(np.std(rank_ef(decoded_texts))), 3), "generator_part": len(generator_part), "predictor_part": len(predictor_part),
         "rows": rows, "wall_s": {**wall, "total": round(time.perf_counter() - started, 1)},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
