@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from crystal_tokenizers import WyckoffTokenizer
     from crystal_tokenizers.wyckoff.masking import MaskingSpec
-    from training.adversarial import MaskedReconstruction
+    from training.objectives import MaskedReconstruction
     from training.data import CrystalCollator
     from training.inpaint import inpaint, inpaint_requests, plan_request
 

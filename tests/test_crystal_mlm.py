@@ -27,7 +27,7 @@ from crystal_tokenizers.wyckoff.masking import (
 )
 from modeling.configuration_crystal_mlm import CrystalMLMConfig
 from modeling.modeling_crystal_mlm import CrystalMLMForMaskedLM, CrystalMLMForSequenceClassification
-from training.adversarial import (
+from training.objectives import (
     AdversarialFineTuning,
     GanSpec,
     MaskedReconstruction,

@@ -38,6 +38,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from training.data import CrystalCollator, iter_epoch, load_split, make_tokenizer
+from training.objectives import build_objective
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,18 @@ MODEL_TYPES: dict[str, tuple[str, str, str, str]] = {
         "MatterGPTConfig",
         "modeling.modeling_mattergpt",
         "MatterGPTForCausalLM",
+    ),
+    "crystal-mlm": (
+        "modeling.configuration_crystal_mlm",
+        "CrystalMLMConfig",
+        "modeling.modeling_crystal_mlm",
+        "CrystalMLMForMaskedLM",
+    ),
+    "crystal-mlm-classifier": (
+        "modeling.configuration_crystal_mlm",
+        "CrystalMLMConfig",
+        "modeling.modeling_crystal_mlm",
+        "CrystalMLMForSequenceClassification",
     ),
 }
 """Model types of crystal-lm; any other ``model.type`` is looked up in transformers' ``AutoConfig``."""
@@ -167,6 +180,11 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     report_to: tuple[str, ...] = ("csv",)
+    masking: dict[str, Any] | None = None
+    gan: dict[str, Any] | None = None
+    task: dict[str, Any] | None = None
+    """Optional objective blocks (``training.objectives.build_objective``): masked reconstruction,
+    adversarial fine-tuning, a property head; without them the loss is ``model(**batch).loss``."""
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TrainConfig:
@@ -233,6 +251,9 @@ def build_model(spec: ModelConfig, tokenizer: Any, extra_config: Mapping[str, An
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if spec.pretrained and spec.type in MODEL_TYPES:
+        _, _, model_module, model_name = MODEL_TYPES[spec.type]
+        return getattr(importlib.import_module(model_module), model_name).from_pretrained(spec.pretrained, **spec.config)
     if spec.pretrained:
         return AutoModelForCausalLM.from_pretrained(spec.pretrained, trust_remote_code=True)
     kwargs = {**(extra_config or {}), **spec.config}
@@ -558,6 +579,8 @@ def _take(items: Iterator[Any], n: int) -> Iterator[Any]:
 def sample_validity(model: torch.nn.Module, tokenizer: Any, num_samples: int, max_new_tokens: int) -> float | None:
     """Fraction of ``num_samples`` unconditional samples that the tokenizer decodes to a crystal.
 
+    Samples are grammar-constrained when the tokenizer offers ``grammar_processor`` (Wyckoff).
+
     ``None`` when the model cannot generate or the tokenizer has no ``decode_structures``.
     """
     if num_samples <= 0 or not hasattr(tokenizer, "decode_structures"):
@@ -569,11 +592,13 @@ def sample_validity(model: torch.nn.Module, tokenizer: Any, num_samples: int, ma
     model.eval()
     device = next(model.parameters()).device
     prompt = torch.full((num_samples, 1), tokenizer.bos_token_id, dtype=torch.long, device=device)
+    grammar = getattr(tokenizer, "grammar_processor", None)
     output = model.generate(
         input_ids=prompt,
         attention_mask=torch.ones_like(prompt),
         do_sample=True,
         max_new_tokens=max_new_tokens,
+        logits_processor=[grammar(max_length=1 + max_new_tokens)] if grammar else None,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         return_dict_in_generate=True,
@@ -617,17 +642,19 @@ def train(
     eval_set = (
         load_split(cfg.data.path, cfg.data.eval_split, streaming=cfg.data.streaming) if cfg.data.eval_split else None
     )
-    collator = CrystalCollator(
+    objective = build_objective(cfg, tokenizer)
+    collator = objective.collator(CrystalCollator(
         tokenizer,
         max_length=cfg.data.max_length,
         crystal_system=cfg.data.crystal_system_condition,
         property_names=tuple(cfg.data.property_conditions),
         model_inputs=forward_arguments(model),
-    )
+    ))
     total_steps = _total_steps(cfg, train_set, accelerator.num_processes)
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    objective.prepare(accelerator, model)  # before resuming: the objective may register more state
 
     state, position = _LoopState(), _DataPosition()
     checkpoints = list_checkpoints(output_dir)
@@ -661,7 +688,7 @@ def train(
             batch = stream.next()
             sync = micro == cfg.loop.grad_accum_steps - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = model(**batch).loss
+                loss = objective.loss(model, batch)
                 accelerator.backward(loss / cfg.loop.grad_accum_steps)
             step_stats[0] += loss.detach().float() / cfg.loop.grad_accum_steps
             step_stats[1] += batch["attention_mask"].sum()
@@ -700,6 +727,7 @@ def train(
             _save_checkpoint(accelerator, output_dir, state, stream.position, cfg.checkpoint.keep)
     progress.close()
     final_dir = _save_final(accelerator, model, tokenizer, output_dir, state, last)
+    objective.save(final_dir)
     accelerator.end_training()
     return TrainResult(
         output_dir=output_dir,
