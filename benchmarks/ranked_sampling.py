@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mattergpt_experiments import (
     generation_pool,
+    hash_split,
     log,
     predict,
     sample_texts,
