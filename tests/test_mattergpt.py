@@ -284,6 +284,7 @@ _FRESH_PROCESS_CHECK = textwrap.dedent(
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     folder, cls_folder = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(int(sys.argv[3]))  # same reduction order as the parent, so equality is exact
     ref = torch.load(folder + "/reference.pt")
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     classifier = AutoModelForSequenceClassification.from_pretrained(cls_folder, trust_remote_code=True).eval()
@@ -324,7 +325,7 @@ def test_saved_folders_load_in_a_fresh_process_with_identical_outputs(tmp_path: 
     auto_map = json.loads((cls_dir / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForSequenceClassification"] == "modeling_mattergpt.MatterGPTForSequenceClassification"
     result = subprocess.run(
-        [sys.executable, "-c", _FRESH_PROCESS_CHECK, str(lm_dir), str(cls_dir)],
+        [sys.executable, "-c", _FRESH_PROCESS_CHECK, str(lm_dir), str(cls_dir), str(torch.get_num_threads())],
         cwd=tmp_path,
         capture_output=True,
         text=True,
