@@ -241,6 +241,30 @@ def test_generate_command_writes_cifs_and_counts(saved_tiny_model, tmp_path, cap
     assert len(list(out.glob("*.cif"))) == 6
 
 
+def test_generate_command_keeps_the_best_ranked_samples(saved_tiny_model, tmp_path, capsys):
+    """--keep: n samples stream to candidates.csv; the kept ones are the closest to the target, best first."""
+    from modeling import CrystalMLMConfig, CrystalMLMForSequenceClassification
+    from training.cli import main
+
+    predictor = tmp_path / "predictor"
+    tokenizer = WyckoffTokenizer()
+    config = CrystalMLMConfig.from_tokenizer(tokenizer, n_layer=1, n_embd=32, n_head=2, num_labels=1,
+                                             problem_type="regression")
+    CrystalMLMForSequenceClassification(config).save_pretrained(predictor)
+    tokenizer.save_pretrained(predictor)
+    out = tmp_path / "ranked"
+    code = main(["generate", "--model", str(saved_tiny_model), "--n", "8", "--batch-size", "4", "--keep", "3",
+                 "--rank-by", "formation_energy_per_atom", "--target", "-1.0", "--predictor", str(predictor),
+                 "--out", str(out), "--json"])
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and counts["sampled"] == 8 and counts["kept"] == 3
+    candidates, kept = pd.read_csv(out / "candidates.csv"), pd.read_csv(out / "kept.csv")
+    assert len(candidates) == 8
+    scored = candidates.dropna(subset=["deviation"]).sort_values("deviation", kind="stable")
+    assert kept["deviation"].tolist() == pytest.approx(scored["deviation"].head(3).tolist())
+    assert len(list((out / "kept").glob("*.cif"))) == 3
+
+
 def test_csp_command_with_template_keeps_the_template(saved_tiny_model, capsys):
     from training.cli import main
 

@@ -292,7 +292,12 @@ def property_statistics(dataset: Any, names: Sequence[str]) -> dict[str, list[An
 
 
 def forward_arguments(model: torch.nn.Module) -> frozenset[str]:
-    """Names of the explicit parameters of ``model.forward`` (a batch key not among them is dropped)."""
+    """Names of the explicit parameters of ``model.forward`` (a batch key not among them is dropped).
+
+    A PEFT model forwards ``**kwargs`` to the model it wraps, so the wrapped model's signature counts.
+    """
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     return frozenset(p.name for p in inspect.signature(model.forward).parameters.values() if p.kind not in variadic)
 

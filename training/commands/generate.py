@@ -23,6 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="folder for the CIF files (sample_00000.cif, ...)")
     parser.add_argument("--json", action="store_true", help="print the counts as JSON on the last line")
+    ranking = parser.add_argument_group("predictor-ranked sampling (Con-CDVAE: generate n, keep the best)")
+    ranking.add_argument("--keep", type=int, help="keep the KEEP samples a predictor ranks closest to --target")
+    ranking.add_argument("--rank-by", help="name of the property the predictor gives (a label for the output)")
+    ranking.add_argument("--target", type=float, help="target value of --rank-by, in the predictor's units")
+    ranking.add_argument("--predictor", help="saved sequence-classification/regression model folder with its tokenizer")
 
 
 def parse_composition(text: str) -> dict[str, int]:
@@ -52,10 +57,15 @@ def run(args: argparse.Namespace) -> int:
         elements=args.elements.split(",") if args.elements else None,
         composition=parse_composition(args.composition) if args.composition else None,
     )
+
+    def progress(iterable, total):
+        return tqdm(iterable, total=total, desc="batches", file=sys.stderr)
+
+    if args.keep:
+        return _run_ranked(args, model, tokenizer, prompt, progress)
     samples = generate_crystals(
         model, tokenizer, [prompt] * args.n, temperature=args.temperature, batch_size=args.batch_size,
-        grammar=not args.no_grammar,
-        progress=lambda it, total: tqdm(it, total=total, desc="batches", file=sys.stderr),
+        grammar=not args.no_grammar, progress=progress,
     )
     decoded = [s for s in samples if s.structure is not None]
     valid = sum(is_structurally_valid(s.structure) for s in decoded)
@@ -67,6 +77,35 @@ def run(args: argparse.Namespace) -> int:
                 sample.structure.to(filename=str(out / f"sample_{index:05d}.cif"))
     counts = {"sampled": len(samples), "decoded": len(decoded), "valid": valid, "prompt": prompt}
     print(f"sampled {counts['sampled']}  decoded {counts['decoded']}  valid {counts['valid']}  (prompt: {prompt})")
+    if args.json:
+        print(json.dumps(counts))
+    return 0
+
+
+def _run_ranked(args: argparse.Namespace, model, tokenizer, prompt: str, progress) -> int:
+    """Sample ``--n`` crystals in batches, stream them to ``--out``, keep the ``--keep`` best by the predictor."""
+    from training.predictors import load_predictor
+    from training.ranking import generate_ranked
+    from training.sampling import generate_crystals
+
+    if not (args.rank_by and args.target is not None and args.predictor and args.out):
+        print("crystal-lm generate: --keep needs --rank-by, --target, --predictor and --out", file=sys.stderr)
+        return 2
+
+    def sample_fn(size: int):
+        samples = generate_crystals(model, tokenizer, [prompt] * size, temperature=args.temperature,
+                                    batch_size=size, grammar=not args.no_grammar)
+        return [sample.structure for sample in samples]
+
+    result = generate_ranked(sample_fn, load_predictor(args.predictor), n=args.n, keep=args.keep, target=args.target,
+                             batch_size=args.batch_size, out_dir=args.out, progress=progress)
+    counts = {
+        "sampled": result.sampled, "decoded": result.decoded, "scored": result.scored, "kept": len(result.kept),
+        "rank_by": args.rank_by, "target": args.target,
+        "best_deviation": result.kept[0].deviation if result.kept else None, "prompt": prompt,
+    }
+    print(f"sampled {counts['sampled']}  decoded {counts['decoded']}  kept {counts['kept']} closest to "
+          f"{args.rank_by} = {args.target}  (files in {args.out})")
     if args.json:
         print(json.dumps(counts))
     return 0
