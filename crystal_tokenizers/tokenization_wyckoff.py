@@ -11,16 +11,14 @@ crystal-lm is installed (CONVENTIONS.md, "Remote code").
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 from pymatgen.core import Structure
-from transformers import BatchEncoding, PreTrainedTokenizer
+from transformers import BatchEncoding
 
-from crystal_tokenizers.errors import CrystalDecodeError, CrystalEncodeError, MalformedSequenceError
+from crystal_tokenizers.base import SPECIAL_TOKENS, CrystalTokenizerBase, decode_or_error, to_list
+from crystal_tokenizers.errors import CrystalDecodeError, MalformedSequenceError
 from crystal_tokenizers.wyckoff import codec
 from crystal_tokenizers.wyckoff.orbits import (
     CRYSTAL_SYSTEMS,
@@ -28,8 +26,6 @@ from crystal_tokenizers.wyckoff.orbits import (
     load_orbit_table,
 )
 
-VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
 STRUCTURAL_TOKENS = (codec.NUM, codec.SEP, codec.LAT, codec.ELEMENTS_MARK, codec.COMPOSITION_MARK)
 VALUE_LABELS = FREE_PARAMETER_NAMES + codec.LENGTH_NAMES + codec.ANGLE_NAMES
 
@@ -47,7 +43,7 @@ def build_vocabulary(property_names: Sequence[str] = codec.DEFAULT_PROPERTY_NAME
     return tokens
 
 
-class WyckoffTokenizer(PreTrainedTokenizer):
+class WyckoffTokenizer(CrystalTokenizerBase):
     """Tokenizer for crystals as space group + Wyckoff orbits + free coordinates + lattice.
 
     ``WyckoffTokenizer()`` needs no files. ``structure_to_string`` / ``string_to_structure`` convert
@@ -56,7 +52,6 @@ class WyckoffTokenizer(PreTrainedTokenizer):
     into one ``Structure`` or ``CrystalDecodeError`` per sequence.
     """
 
-    vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = ["input_ids", "attention_mask", "numeric_values"]
 
     def __init__(
@@ -72,13 +67,7 @@ class WyckoffTokenizer(PreTrainedTokenizer):
         mask_token: str = "<mask>",
         **kwargs: Any,
     ) -> None:
-        if vocab_file is not None:
-            with open(vocab_file, encoding="utf-8") as handle:
-                tokens = json.load(handle)
-        else:
-            tokens = build_vocabulary(property_names)
-        self._id_to_token = list(tokens)
-        self._token_to_id = {token: index for index, token in enumerate(tokens)}
+        self._set_vocabulary(self._read_vocabulary(vocab_file) if vocab_file else build_vocabulary(property_names))
         self.property_names = tuple(property_names)
         self.symprec = symprec
         self.angle_tolerance = angle_tolerance
@@ -88,53 +77,8 @@ class WyckoffTokenizer(PreTrainedTokenizer):
             angle_tolerance=angle_tolerance, **kwargs,
         )
 
-    # ------------------------------------------------------------------ vocabulary (HF API)
-    @property
-    def vocab_size(self) -> int:
-        return len(self._id_to_token)
-
-    def get_vocab(self) -> dict[str, int]:
-        vocab = dict(self._token_to_id)
-        vocab.update(self.added_tokens_encoder)
-        return vocab
-
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return [codec.NUM if codec.is_number_literal(word) else word for word in text.split()]
-
-    def _convert_token_to_id(self, token: str) -> int:
-        return self._token_to_id.get(token, self._token_to_id[self.unk_token])
-
-    def _convert_id_to_token(self, index: int) -> str:
-        return self._id_to_token[index] if 0 <= index < len(self._id_to_token) else self.unk_token
-
-    def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        return " ".join(tokens)
-
-    def build_inputs_with_special_tokens(
-        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
-    ) -> list[int]:
-        ids = [self.bos_token_id] + token_ids_0
-        if token_ids_1 is not None:
-            ids += token_ids_1
-        return ids + [self.eos_token_id]
-
-    def get_special_tokens_mask(
-        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
-    ) -> list[int]:
-        if already_has_special_tokens:
-            special = set(self.all_special_ids)
-            return [1 if token in special else 0 for token in token_ids_0]
-        return [1] + [0] * (len(token_ids_0) + len(token_ids_1 or [])) + [1]
-
-    def num_special_tokens_to_add(self, pair: bool = False) -> int:
-        return 2
-
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
-        path = os.path.join(save_directory, name)
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(self._id_to_token, handle, indent=0)
-        return (path,)
 
     # ------------------------------------------------------------------ numeric values
     @property
@@ -186,8 +130,8 @@ class WyckoffTokenizer(PreTrainedTokenizer):
         return_tensors = kwargs.pop("return_tensors", None)
         side = kwargs.get("padding_side") or self.padding_side
         padded = super().pad({k: v for k, v in items.items() if k != "numeric_values"}, *args, **kwargs)
-        ids = _to_list(padded["input_ids"])
-        values = _to_list(items["numeric_values"])
+        ids = to_list(padded["input_ids"])
+        values = to_list(items["numeric_values"])
         batched = bool(ids) and isinstance(ids[0], list)
         rows = []
         for id_row, value_row in zip(ids if batched else [ids], values if batched else [values]):
@@ -210,22 +154,6 @@ class WyckoffTokenizer(PreTrainedTokenizer):
         if unknown:
             raise ValueError(f"properties {unknown} are not in this tokenizer's property_names {self.property_names}")
         return codec.tokens_to_text(codec.conditions_to_tokens(resolved) + [codec.SEP] + codec.crystal_to_tokens(crystal))
-
-    def structures_to_strings(
-        self, structures: Iterable[Structure], **conditions: Any
-    ) -> list[str | CrystalEncodeError]:
-        """Batch ``structure_to_string``: one string or ``CrystalEncodeError`` per structure."""
-        results: list[str | CrystalEncodeError] = []
-        for structure in structures:
-            try:
-                results.append(self.structure_to_string(structure, **conditions))
-            except CrystalEncodeError as err:
-                results.append(err)
-        return results
-
-    def encode_structure(self, structure: Structure, return_tensors: str | None = None, **conditions: Any) -> BatchEncoding:
-        """Encode ``structure`` straight to ``input_ids`` / ``attention_mask`` / ``numeric_values``."""
-        return self(self.structure_to_string(structure, **conditions), return_tensors=return_tensors)
 
     def condition_prefix(self, **conditions: Any) -> str:
         """Prompt text for generation: the condition prefix followed by ``<sep>``.
@@ -265,14 +193,10 @@ class WyckoffTokenizer(PreTrainedTokenizer):
         """Decode text to the conventional-cell ``Structure``; raises ``CrystalDecodeError``."""
         return codec.crystal_to_structure(self.string_to_crystal(text))
 
-    def strings_to_structures(self, texts: Iterable[str]) -> list[Structure | CrystalDecodeError]:
-        """Batch ``string_to_structure``: one ``Structure`` or ``CrystalDecodeError`` per text."""
-        return [_decode_or_error(lambda: self.string_to_structure(text)) for text in texts]
-
     def ids_to_tokens_with_values(self, input_ids: Sequence[int], numeric_values: Sequence[float] | None) -> list[str | float]:
         """Token strings for ``input_ids`` with each ``<num>`` replaced by its float value."""
-        ids = _to_list(input_ids)
-        values = _to_list(numeric_values) if numeric_values is not None else [math.nan] * len(ids)
+        ids = to_list(input_ids)
+        values = to_list(numeric_values) if numeric_values is not None else [math.nan] * len(ids)
         if len(values) != len(ids):
             raise MalformedSequenceError(f"{len(ids)} token ids but {len(values)} numeric values")
         tokens: list[str | float] = []
@@ -293,10 +217,10 @@ class WyckoffTokenizer(PreTrainedTokenizer):
         if hasattr(sequences, "sequences"):
             numeric_values = getattr(sequences, "numeric_values", numeric_values)
             sequences = sequences.sequences
-        rows = _to_list(sequences)
-        value_rows = _to_list(numeric_values) if numeric_values is not None else [None] * len(rows)
+        rows = to_list(sequences)
+        value_rows = to_list(numeric_values) if numeric_values is not None else [None] * len(rows)
         return [
-            _decode_or_error(lambda ids=ids, vals=vals: self.decode_structure(ids, vals))
+            decode_or_error(lambda ids=ids, vals=vals: self.decode_structure(ids, vals))
             for ids, vals in zip(rows, value_rows)
         ]
 
@@ -305,21 +229,6 @@ class WyckoffTokenizer(PreTrainedTokenizer):
         from crystal_tokenizers.wyckoff.grammar import WyckoffGrammarLogitsProcessor
 
         return WyckoffGrammarLogitsProcessor(self, **kwargs)
-
-
-def _to_list(values: Any) -> list:
-    if values is None:
-        return []
-    if hasattr(values, "tolist"):
-        return values.tolist()
-    return [(_to_list(v) if isinstance(v, (list, tuple, np.ndarray)) or hasattr(v, "tolist") else v) for v in values]
-
-
-def _decode_or_error(decode) -> Any:
-    try:
-        return decode()
-    except CrystalDecodeError as err:
-        return err
 
 
 WyckoffTokenizer.register_for_auto_class("AutoTokenizer")
