@@ -19,16 +19,13 @@ wherever crystal-lm is installed (CONVENTIONS.md, "Remote code").
 
 from __future__ import annotations
 
-import json
-import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from pymatgen.core import Structure
-from transformers import BatchEncoding, PreTrainedTokenizer
 
+from crystal_tokenizers.base import SPECIAL_TOKENS, CrystalTokenizerBase, decode_or_error, to_list
 from crystal_tokenizers.errors import (
     CrystalDecodeError,
     CrystalEncodeError,
@@ -38,8 +35,6 @@ from crystal_tokenizers.errors import (
 )
 from crystal_tokenizers.slices import codec, embedding, graph as graphs
 
-VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
 DEFAULT_MAX_NODES = 64
 DEFAULT_TOKENIZER_STRATEGY = graphs.DEFAULT_STRATEGY
 """Default neighbour strategy, chosen by round trips (SLICES-PLUS, this decoder) of rows 140-219 of
@@ -59,7 +54,7 @@ def build_vocabulary(max_nodes: int = DEFAULT_MAX_NODES) -> list[str]:
     return tokens
 
 
-class SlicesPlusTokenizer(PreTrainedTokenizer):
+class SlicesPlusTokenizer(CrystalTokenizerBase):
     """Tokenizer for crystals as SLICES-PLUS strings (``symmetry=False``: plain SLICES).
 
     ``SlicesPlusTokenizer()`` needs no files. ``structure_to_string`` / ``string_to_structure`` convert
@@ -68,7 +63,6 @@ class SlicesPlusTokenizer(PreTrainedTokenizer):
     criterion (the decoded crystal has the same labelled quotient graph).
     """
 
-    vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(
@@ -89,13 +83,7 @@ class SlicesPlusTokenizer(PreTrainedTokenizer):
         **kwargs: Any,
     ) -> None:
         graphs.make_strategy(strategy)  # fail early on an unknown name
-        if vocab_file is not None:
-            with open(vocab_file, encoding="utf-8") as handle:
-                tokens = json.load(handle)
-        else:
-            tokens = build_vocabulary(max_nodes)
-        self._id_to_token = list(tokens)
-        self._token_to_id = {token: index for index, token in enumerate(tokens)}
+        self._set_vocabulary(self._read_vocabulary(vocab_file) if vocab_file else build_vocabulary(max_nodes))
         self.symmetry = symmetry
         self.strategy = strategy
         self.max_nodes = max_nodes
@@ -111,53 +99,8 @@ class SlicesPlusTokenizer(PreTrainedTokenizer):
             **kwargs,
         )
 
-    # ------------------------------------------------------------------ vocabulary (HF API)
-    @property
-    def vocab_size(self) -> int:
-        return len(self._id_to_token)
-
-    def get_vocab(self) -> dict[str, int]:
-        vocab = dict(self._token_to_id)
-        vocab.update(self.added_tokens_encoder)
-        return vocab
-
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return [piece for word in text.split() for piece in codec.split_joined_labels(word)]
-
-    def _convert_token_to_id(self, token: str) -> int:
-        return self._token_to_id.get(token, self._token_to_id[self.unk_token])
-
-    def _convert_id_to_token(self, index: int) -> str:
-        return self._id_to_token[index] if 0 <= index < len(self._id_to_token) else self.unk_token
-
-    def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        return " ".join(tokens)
-
-    def build_inputs_with_special_tokens(
-        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
-    ) -> list[int]:
-        ids = [self.bos_token_id] + token_ids_0
-        if token_ids_1 is not None:
-            ids += token_ids_1
-        return ids + [self.eos_token_id]
-
-    def get_special_tokens_mask(
-        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
-    ) -> list[int]:
-        if already_has_special_tokens:
-            special = set(self.all_special_ids)
-            return [1 if token in special else 0 for token in token_ids_0]
-        return [1] + [0] * (len(token_ids_0) + len(token_ids_1 or [])) + [1]
-
-    def num_special_tokens_to_add(self, pair: bool = False) -> int:
-        return 2
-
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
-        path = os.path.join(save_directory, name)
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(self._id_to_token, handle, indent=0)
-        return (path,)
 
     # ------------------------------------------------------------------ crystals -> text
     def structure_to_graph(self, structure: Structure) -> graphs.CrystalGraph:
@@ -189,20 +132,6 @@ class SlicesPlusTokenizer(PreTrainedTokenizer):
             symops = tuple(shuffled)
         return codec.format_record(codec.SlicesRecord(crystal_graph, symops))
 
-    def structures_to_strings(self, structures: Iterable[Structure], **kwargs: Any) -> list[str | CrystalEncodeError]:
-        """Batch ``structure_to_string``: one string or ``CrystalEncodeError`` per structure."""
-        results: list[str | CrystalEncodeError] = []
-        for structure in structures:
-            try:
-                results.append(self.structure_to_string(structure, **kwargs))
-            except CrystalEncodeError as err:
-                results.append(err)
-        return results
-
-    def encode_structure(self, structure: Structure, return_tensors: str | None = None, **kwargs: Any) -> BatchEncoding:
-        """Encode ``structure`` straight to ``input_ids`` / ``attention_mask``."""
-        return self(self.structure_to_string(structure, **kwargs), return_tensors=return_tensors)
-
     # ------------------------------------------------------------------ text -> crystals
     def string_to_record(self, text: str) -> codec.SlicesRecord:
         """Parse text into the graph and operations (no geometry built); ``MalformedSequenceError``."""
@@ -217,15 +146,11 @@ class SlicesPlusTokenizer(PreTrainedTokenizer):
         params = embedding.EmbeddingParams(time_limit_s=self.decode_time_limit_s)
         return embedding.embed_checked(record.graph, record.symops, self.strategy, params, self.decode_attempts)
 
-    def strings_to_structures(self, texts: Iterable[str]) -> list[Structure | CrystalDecodeError]:
-        """Batch ``string_to_structure``: one ``Structure`` or ``CrystalDecodeError`` per text."""
-        return [_decode_or_error(lambda text=text: self.string_to_structure(text)) for text in texts]
-
     def ids_to_text(self, input_ids: Sequence[int]) -> str:
         """Text of one id sequence: specials dropped, stops at the first ``<eos>`` after content."""
         tokens: list[str] = []
         skip = {self.pad_token_id, self.bos_token_id}
-        for token_id in _to_list(input_ids):
+        for token_id in to_list(input_ids):
             if token_id == self.eos_token_id:
                 if tokens:
                     break
@@ -246,7 +171,7 @@ class SlicesPlusTokenizer(PreTrainedTokenizer):
         """Decode a batch: ``model.generate`` output (with ``.sequences``), a tensor or lists of ids."""
         if hasattr(sequences, "sequences"):
             sequences = sequences.sequences
-        return [_decode_or_error(lambda ids=ids: self.decode_structure(ids)) for ids in _to_list(sequences)]
+        return [decode_or_error(lambda ids=ids: self.decode_structure(ids)) for ids in to_list(sequences)]
 
     # ------------------------------------------------------------------ success criterion
     def graph_matches(self, original: Structure, decoded: Structure) -> bool:
@@ -263,7 +188,6 @@ class SlicesPlusTokenizer(PreTrainedTokenizer):
             return False
         return graphs.graphs_match(expected, found)
 
-
     def string_graph_matches(self, text: str, decoded: Structure) -> bool:
         """Whether ``decoded`` has the crystal graph written in ``text`` (the SLICES validity check)."""
         try:
@@ -272,19 +196,6 @@ class SlicesPlusTokenizer(PreTrainedTokenizer):
         except (CrystalDecodeError, CrystalEncodeError):
             return False
         return graphs.graphs_match(expected, found)
-
-
-def _to_list(values: Any) -> list:
-    if hasattr(values, "tolist"):
-        return values.tolist()
-    return [(_to_list(v) if isinstance(v, (list, tuple, np.ndarray)) or hasattr(v, "tolist") else v) for v in values]
-
-
-def _decode_or_error(decode: Any) -> Any:
-    try:
-        return decode()
-    except CrystalDecodeError as err:
-        return err
 
 
 SlicesPlusTokenizer.register_for_auto_class("AutoTokenizer")
