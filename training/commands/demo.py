@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=str(DEMO_CONFIG), help="training config (data and output paths are replaced)"
     )
-    parser.add_argument("--max-steps", type=int, default=150, help="optimiser steps (150 fit in ~5 minutes on 2 cores)")
+    parser.add_argument("--max-steps", type=int, default=1500, help="optimiser steps (1,500 take about 3 minutes on 2 idle cores)")
     parser.add_argument("--num-samples", type=int, default=200, help="crystals to generate")
     parser.add_argument("--batch-size", type=int, default=50, help="generation batch size")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="token budget per generated crystal")
