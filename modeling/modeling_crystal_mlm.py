@@ -29,14 +29,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
 from modeling.configuration_crystal_mlm import CrystalMLMConfig
+from modeling.layers import FeedForward
 from modeling.modeling_mattergpt import sequence_classification_loss
 from modeling.modeling_wyckoff_gpt import kind_lookup, sinusoidal_positions
-from modeling.numeric import DEFAULT_VALUE_KINDS, NO_KIND, GaussianValueEmbedding, NumericValueHead, ValueKind
+from modeling.numeric import (
+    DEFAULT_VALUE_KINDS,
+    NO_KIND,
+    GaussianValueEmbedding,
+    NumericValueHead,
+    ValueKind,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,20 +112,6 @@ class CrystalMLMAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(batch, length, width)))
 
 
-class CrystalMLMMLP(nn.Module):
-    """Position-wise feed-forward network D -> n_inner -> D."""
-
-    def __init__(self, config: CrystalMLMConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
-        self.act = ACT2FN[config.activation_function]
-        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
-        self.dropout = nn.Dropout(config.resid_pdrop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
-
-
 class CrystalMLMBlock(nn.Module):
     """Pre-LayerNorm transformer block."""
 
@@ -128,7 +120,7 @@ class CrystalMLMBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = CrystalMLMAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = CrystalMLMMLP(config)
+        self.mlp = FeedForward(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask)
@@ -152,7 +144,7 @@ class CrystalMLMPreTrainedModel(PreTrainedModel):
         """
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, (CrystalMLMAttention, CrystalMLMMLP)):
+        if isinstance(module, (CrystalMLMAttention, FeedForward)):
             init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
         if isinstance(module, GaussianValueEmbedding):  # constant buffers: rebuilt, never learned
             linear_centres, log_centres = module.centre_grids()

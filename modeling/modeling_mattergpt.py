@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -45,6 +44,7 @@ from transformers.modeling_outputs import (
 )
 
 from modeling.configuration_mattergpt import MatterGPTConfig
+from modeling.layers import CausalBlock, CausalSelfAttention, FeedForward
 
 logger = logging.getLogger(__name__)
 
@@ -139,72 +139,12 @@ def last_token_index(
     return (positions * real.long()).argmax(-1)
 
 
-class MatterGPTAttention(nn.Module):
-    """Causal multi-head self-attention through ``F.scaled_dot_product_attention``, with a KV cache."""
-
-    def __init__(self, config: MatterGPTConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.n_head = config.n_head
-        self.layer_idx = layer_idx
-        self.attn_pdrop = config.attn_pdrop
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = (
-            t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2)
-            for t in self.c_attn(x).split(width, dim=2)
-        )
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.attn_pdrop if self.training else 0.0,
-            is_causal=mask is None and length > 1,
-        )
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(batch, length, width)))
-
-
-class MatterGPTMLP(nn.Module):
-    """Position-wise feed-forward network D -> n_inner -> D."""
-
-    def __init__(self, config: MatterGPTConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
-        self.act = ACT2FN[config.activation_function]
-        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
-        self.dropout = nn.Dropout(config.resid_pdrop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
-
-
-class MatterGPTBlock(nn.Module):
-    """Pre-LayerNorm transformer block (GPT-2 layout)."""
-
-    def __init__(self, config: MatterGPTConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = MatterGPTAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MatterGPTMLP(config)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache)
-        return x + self.mlp(self.ln_2(x))
-
-
 class MatterGPTFlow(nn.Module):
     """One stack of ``n_layer`` blocks and its final LayerNorm; cache layers start at ``first_layer_idx``."""
 
     def __init__(self, config: MatterGPTConfig, first_layer_idx: int) -> None:
         super().__init__()
-        self.h = nn.ModuleList(MatterGPTBlock(config, first_layer_idx + i) for i in range(config.n_layer))
+        self.h = nn.ModuleList(CausalBlock(config, first_layer_idx + i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
@@ -261,7 +201,7 @@ class MatterGPTPreTrainedModel(PreTrainedModel):
     config_class = MatterGPTConfig
     config: MatterGPTConfig
     base_model_prefix = "transformer"
-    _no_split_modules = ["MatterGPTBlock"]
+    _no_split_modules = ["CausalBlock"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -272,7 +212,7 @@ class MatterGPTPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.bias)
             init.normal_(module.null, mean=0.0, std=std)
-        if isinstance(module, (MatterGPTAttention, MatterGPTMLP)):
+        if isinstance(module, (CausalSelfAttention, FeedForward)):
             init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
 

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
@@ -45,6 +44,7 @@ from modeling.generation import (
     mask_to_num_tokens,
     pad_values,
 )
+from modeling.layers import CausalBlock, CausalSelfAttention, FeedForward
 from modeling.numeric import (
     DEFAULT_VALUE_KINDS,
     NO_KIND,
@@ -90,62 +90,6 @@ def default_position_ids(attention_mask: torch.Tensor | None, query_length: int,
     return positions[:, -query_length:]
 
 
-class WyckoffGPTAttention(nn.Module):
-    """Causal multi-head self-attention through ``F.scaled_dot_product_attention``, with a KV cache."""
-
-    def __init__(self, config: WyckoffGPTConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.n_head = config.n_head
-        self.layer_idx = layer_idx
-        self.attn_pdrop = config.attn_pdrop
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = (
-            t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2)
-            for t in self.c_attn(x).split(width, dim=2)
-        )
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_pdrop if self.training else 0.0,
-            is_causal=mask is None and length > 1,
-        )
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(batch, length, width)))
-
-
-class WyckoffGPTMLP(nn.Module):
-    """Position-wise feed-forward network D -> n_inner -> D (GELU)."""
-
-    def __init__(self, config: WyckoffGPTConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
-        self.act = ACT2FN[config.activation_function]
-        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
-        self.dropout = nn.Dropout(config.resid_pdrop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
-
-
-class WyckoffGPTBlock(nn.Module):
-    """Pre-LayerNorm transformer block (GPT-2 layout)."""
-
-    def __init__(self, config: WyckoffGPTConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = WyckoffGPTAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = WyckoffGPTMLP(config)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache)
-        return x + self.mlp(self.ln_2(x))
-
-
 @dataclass
 class WyckoffGPTCausalLMOutput(ModelOutput):
     """Outputs of :class:`WyckoffGPTForCausalLM`.
@@ -171,14 +115,14 @@ class WyckoffGPTPreTrainedModel(PreTrainedModel):
     config_class = WyckoffGPTConfig
     config: WyckoffGPTConfig
     base_model_prefix = "transformer"
-    _no_split_modules = ["WyckoffGPTBlock"]
+    _no_split_modules = ["CausalBlock"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) weights; residual projections scaled by 1/sqrt(2 n_layer)."""
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, (WyckoffGPTAttention, WyckoffGPTMLP)):
+        if isinstance(module, (CausalSelfAttention, FeedForward)):
             init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
         if isinstance(module, GaussianValueEmbedding):  # constant buffers: rebuilt, never learned
             linear_centres, log_centres = module.centre_grids()
@@ -199,7 +143,7 @@ class WyckoffGPTModel(WyckoffGPTPreTrainedModel):
             log_range=config.value_log_range, num_log=config.value_num_log,
         )
         self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList(WyckoffGPTBlock(config, i) for i in range(config.n_layer))
+        self.h = nn.ModuleList(CausalBlock(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.post_init()
 
