@@ -6,10 +6,13 @@ they need the loop's objective hook, see ``training/adversarial.py``):
     prepare      mp_20/train.csv (split train) + mp_20/val.csv (split validation) -> a prepared dataset, and a
                  copy whose train split holds the cubic crystals only (the non-cubic rows become its test split)
     pretrain     masked species + noisy coordinates (crystal_mlm_small.yaml)
-    stability    on-hull classifier (e_above_hull == 0) from the pre-trained backbone, cubic crystals only
+    stability    on-hull classifier (e_above_hull == 0) from the pre-trained backbone, cubic crystals only;
+                 its accuracy per crystal system on the cubic training rows, mp_20/val and the unseen
+                 non-cubic rows, beside a logistic regression on composition + space group trained on the same
+                 rows and the constant majority prediction, and a k-fold figure on the cubic rows
     gan          adversarial fine-tuning, critic initialised from the stability classifier
     property     formation-energy regression head, pre-trained backbone vs from scratch (validation MAE)
-    evaluate     stability accuracy per crystal system; the reconstruction table (mask types α β γ × σ̃)
+    evaluate     the stability table (no k-fold); the reconstruction table (mask types α β γ × σ̃)
 
     python benchmarks/inpainting_experiments.py all --work outputs/inpainting --pretrain-steps 800
 
@@ -87,6 +90,16 @@ def prepare(work: Path) -> None:
 # Stability classifier
 # --------------------------------------------------------------------------------------------------
 
+STABILITY_SPLITS = ("train", "validation", "test")
+"""Cubic training rows (the fit), mp_20/val (all systems), the non-cubic mp_20/train rows (unseen systems)."""
+MAX_Z = 94
+NUM_SPACE_GROUPS = 230
+
+
+def on_hull(rows: Any) -> np.ndarray:
+    """Boolean on-hull label (e_above_hull <= 0 eV/atom) of every row of a prepared split."""
+    return np.array([float(p["e_above_hull"]) <= 0.0 for p in rows["properties"]])
+
 
 @torch.no_grad()
 def predict_labels(model_dir: Path, texts: list[str], batch_size: int = 64) -> np.ndarray:
@@ -102,24 +115,161 @@ def predict_labels(model_dir: Path, texts: list[str], batch_size: int = 64) -> n
     return np.concatenate(out)
 
 
+def per_system_accuracy(truth: np.ndarray, predicted: np.ndarray, systems: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Accuracy, row count and on-hull fraction per crystal system and over all rows."""
+    report = {}
+    for system in [*sorted(set(systems)), "all"]:
+        rows = systems == system if system != "all" else np.ones(len(truth), dtype=bool)
+        report[system] = {"n": int(rows.sum()), "accuracy": float((predicted == truth)[rows].mean()),
+                          "on_hull_fraction": float(truth[rows].mean())}
+    return report
+
+
 def stability_accuracy(model_dir: Path, data_dir: Path) -> dict[str, dict[str, Any]]:
-    """On-hull accuracy per crystal system on the validation rows and on the unseen non-cubic training rows."""
+    """On-hull accuracy per crystal system of a saved classifier on every split of :data:`STABILITY_SPLITS`."""
     from training.data import load_split
 
     report: dict[str, dict[str, Any]] = {}
-    for split in ("validation", "test"):
+    for split in STABILITY_SPLITS:
         rows = load_split(data_dir, split)
-        truth = np.array([float(p["e_above_hull"]) <= 0.0 for p in rows["properties"]])
         predicted = predict_labels(model_dir, list(rows["text"])).astype(bool)
-        systems = np.array(rows["crystal_system"])
-        per_system = {
-            system: {"n": int((systems == system).sum()), "accuracy": float((predicted == truth)[systems == system].mean())}
-            for system in sorted(set(systems))
-        }
-        per_system["all"] = {"n": len(truth), "accuracy": float((predicted == truth).mean()),
-                             "on_hull_fraction": float(truth.mean())}
-        report[split] = per_system
+        report[split] = per_system_accuracy(on_hull(rows), predicted, np.array(rows["crystal_system"]))
     return report
+
+
+def composition_features(rows: Any) -> np.ndarray:
+    """Per row: element fractions (Z = 1..94), number of elements, ln(number of sites), one-hot space group."""
+    from pymatgen.core import Composition
+
+    features = np.zeros((len(rows), MAX_Z + 2 + NUM_SPACE_GROUPS))
+    for i, (formula, sites, group) in enumerate(zip(rows["formula"], rows["num_sites"], rows["space_group"])):
+        composition = Composition(formula).fractional_composition
+        for element, fraction in composition.items():
+            features[i, element.Z - 1] = fraction
+        features[i, MAX_Z] = len(composition)
+        features[i, MAX_Z + 1] = math.log(sites)
+        features[i, MAX_Z + 2 + int(group) - 1] = 1.0
+    return features
+
+
+class LogisticBaseline:
+    """L2-regularised logistic regression (full-batch gradient descent) on standardised features.
+
+    The non-neural baseline of the stability experiment; numpy only (scikit-learn is not a dependency).
+    Features constant on the training rows (e.g. the space groups of unseen crystal systems) get weight 0.
+    """
+
+    def __init__(self, l2: float = 0.01, steps: int = 3000, lr: float = 0.1) -> None:
+        self.l2, self.steps, self.lr = l2, steps, lr
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> LogisticBaseline:
+        self.mean = features.mean(axis=0)
+        spread = features.std(axis=0)
+        self.scale = np.where(spread > 0, spread, 1.0)
+        self.mean = np.where(spread > 0, self.mean, 0.0)
+        x = self._design(features)
+        y = labels.astype(float)
+        self.weights = np.zeros(x.shape[1])
+        for _ in range(self.steps):
+            p = 1.0 / (1.0 + np.exp(-x @ self.weights))
+            gradient = x.T @ (p - y) / len(y)
+            gradient[:-1] += self.l2 * self.weights[:-1]
+            self.weights -= self.lr * gradient
+        return self
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self._design(features) @ self.weights > 0.0
+
+    def _design(self, features: np.ndarray) -> np.ndarray:
+        scaled = (features - self.mean) / self.scale
+        return np.concatenate([scaled, np.ones((len(features), 1))], axis=1)
+
+
+def baseline_accuracy(data_dir: Path) -> dict[str, dict[str, Any]]:
+    """The logistic baseline trained on the same (cubic) training rows, per crystal system of every split."""
+    from training.data import load_split
+
+    splits = {split: load_split(data_dir, split) for split in STABILITY_SPLITS}
+    model = LogisticBaseline().fit(composition_features(splits["train"]), on_hull(splits["train"]))
+    return {split: per_system_accuracy(on_hull(rows), model.predict(composition_features(rows)),
+                                       np.array(rows["crystal_system"]))
+            for split, rows in splits.items()}
+
+
+def constant_accuracy(data_dir: Path) -> dict[str, dict[str, Any]]:
+    """Always predicting the training rows' majority class, per crystal system of every split."""
+    from training.data import load_split
+
+    splits = {split: load_split(data_dir, split) for split in STABILITY_SPLITS}
+    majority = bool(on_hull(splits["train"]).mean() >= 0.5)
+    return {split: per_system_accuracy(on_hull(rows), np.full(len(rows), majority), np.array(rows["crystal_system"]))
+            for split, rows in splits.items()}
+
+
+def cubic_cross_validation(work: Path, data_dir: Path, folds: int, steps: int, seed: int = 0) -> dict[str, Any]:
+    """Held-out accuracy on cubic rows (the paper's in-distribution figure): k folds of the cubic training rows.
+
+    Each fold trains the classifier (same config and steps as the stability stage) and the logistic
+    baseline on the other folds and scores both, and the constant majority prediction, on the held-out fold.
+    """
+    from training.data import load_split, write_shards
+
+    rows = load_split(data_dir, "train")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    report: dict[str, Any] = {"folds": folds, "n": len(rows), "classifier": [], "baseline": [], "constant": []}
+    for fold in range(folds):
+        held = np.zeros(len(rows), dtype=bool)
+        held[order[fold::folds]] = True
+        fold_dir = work / "stability_cv" / f"fold{fold}"
+        write_shards(rows.select(np.flatnonzero(~held).tolist()), fold_dir / "data", "train", 50_000)
+        write_shards(rows.select(np.flatnonzero(held).tolist()), fold_dir / "data", "validation", 50_000)
+        train_stage("crystal_mlm_stability.yaml", output_dir=str(fold_dir / "run"), **{
+            "data.path": str(fold_dir), "model.pretrained": str(work / "pretrain" / "final"),
+            "loop.micro_batch_size": 16, "loop.max_steps": steps, "checkpoint.every_steps": steps})
+        fit, test = load_split(fold_dir, "train"), load_split(fold_dir, "validation")
+        truth = on_hull(test)
+        classifier = predict_labels(fold_dir / "run" / "final", list(test["text"])).astype(bool)
+        baseline = LogisticBaseline().fit(composition_features(fit), on_hull(fit)).predict(composition_features(test))
+        majority = bool(on_hull(fit).mean() >= 0.5)
+        report["classifier"].append(float((classifier == truth).mean()))
+        report["baseline"].append(float((baseline == truth).mean()))
+        report["constant"].append(float((truth == majority).mean()))
+    for key in ("classifier", "baseline", "constant"):
+        report[f"{key}_mean"] = float(np.mean(report[key]))
+    return report
+
+
+def stability_report(work: Path, data_dir: Path, folds: int, steps: int) -> dict[str, Any]:
+    """Classifier, logistic baseline and constant prediction per crystal system, plus the cubic k-fold figure."""
+    report: dict[str, Any] = {
+        "classifier": stability_accuracy(work / "stability" / "final", data_dir),
+        "baseline": baseline_accuracy(data_dir),
+        "constant": constant_accuracy(data_dir),
+    }
+    if folds > 1:
+        report["cubic_cv"] = cubic_cross_validation(work, data_dir, folds, steps)
+    return report
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "n/a"
+
+
+def _stability_table(report: dict[str, Any]) -> str:
+    lines = ["| split | crystal system | n | on hull | constant | classifier | baseline (logistic) | classifier / baseline |",
+             "|---|---|---|---|---|---|---|---|"]
+    for split, systems in report["classifier"].items():
+        for system, row in systems.items():
+            baseline = report["baseline"][split][system]["accuracy"]
+            constant = report["constant"][split][system]["accuracy"]
+            lines.append(f"| {split} | {system} | {row['n']} | {row['on_hull_fraction']:.3f} | {constant:.3f} | "
+                         f"{row['accuracy']:.3f} | {baseline:.3f} | {_ratio(row['accuracy'], baseline)} |")
+    if "cubic_cv" in report:
+        cv = report["cubic_cv"]
+        lines.append(f"| cubic {cv['folds']}-fold CV | cubic | {cv['n']} | | {cv['constant_mean']:.3f} | "
+                     f"{cv['classifier_mean']:.3f} | {cv['baseline_mean']:.3f} | "
+                     f"{_ratio(cv['classifier_mean'], cv['baseline_mean'])} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "inpainting")
     parser.add_argument("--pretrain-steps", type=int, default=800)
     parser.add_argument("--stability-steps", type=int, default=300)
+    parser.add_argument("--stability-folds", type=int, default=3, help="k of the cubic k-fold figure (0: none)")
     parser.add_argument("--gan-steps", type=int, default=150)
     parser.add_argument("--property-steps", type=int, default=300)
     args = parser.parse_args(argv)
@@ -282,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         log["stability"] = train_stage("crystal_mlm_stability.yaml", output_dir=str(work / "stability"), **small, **{
             "data.path": str(cubic), "model.pretrained": str(work / "pretrain" / "final"),
             "loop.max_steps": args.stability_steps})
+        log["stability_accuracy"] = stability_report(work, cubic, args.stability_folds, args.stability_steps)
+        print(_stability_table(log["stability_accuracy"]))
     if "gan" in stages:
         log["gan"] = train_stage("crystal_mlm_gan.yaml", output_dir=str(work / "gan"), **small, **{
             "data.path": str(data), "model.pretrained": str(work / "pretrain" / "final"),
@@ -293,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         from training.data import load_split
         from training.inpaint import load_inpainting_model
 
-        log["stability_accuracy"] = stability_accuracy(work / "stability" / "final", cubic)
+        log["stability_accuracy"] = stability_report(work, cubic, folds=0, steps=args.stability_steps)
         _, tokenizer = load_inpainting_model(work / "pretrain" / "final")
         frequency = element_frequency(load_split(data, "train")["text"], tokenizer)
         texts = list(load_split(data, "validation")["text"])
@@ -302,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         log["reconstruction"] = tables
         print(f"validation rows: {SHARED / 'val.csv'} ({len(texts)} crystals)")
         print(_markdown_table({"pre-trained": tables["pretrain"], "adversarial": tables["gan"]}))
-        print(json.dumps(log["stability_accuracy"], indent=1))
+        print(_stability_table(log["stability_accuracy"]))
     work.mkdir(parents=True, exist_ok=True)
     with open(work / f"experiments_{args.stage}.json", "w") as handle:
         json.dump(log, handle, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))

@@ -188,6 +188,29 @@ def test_sequence_classifier_reuses_the_pretrained_backbone(tokenizer, texts, tm
     assert output.logits.shape == (3, 2) and torch.isfinite(output.loss)
 
 
+def test_sequence_classifier_pools_only_real_tokens(tokenizer, texts):
+    classifier = _model(tokenizer, CrystalMLMForSequenceClassification, num_labels=2).eval()
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts[:4]]
+    assert len(set(lengths)) > 1  # the batch is padded
+    with torch.no_grad():
+        batched = classifier(**tokenizer(texts[:4], padding=True, return_tensors="pt")).logits
+        alone = torch.cat([classifier(**tokenizer([t], return_tensors="pt")).logits for t in texts[:4]])
+    assert torch.allclose(batched, alone, atol=1e-5)
+
+
+def test_loop_collator_gives_the_classifier_row_labels_not_token_labels(tokenizer, texts):
+    from training.loop import forward_arguments
+
+    classifier = _model(tokenizer, CrystalMLMForSequenceClassification, num_labels=2)
+    hull = [0.0, 0.03, 0.0, 0.07]
+    rows = [{"text": t, "properties": {"e_above_hull": e}} for t, e in zip(texts[:4], hull)]
+    objective = build_objective({"task": {"property": "e_above_hull", "type": "classification"}}, tokenizer)
+    batch = objective.collator(CrystalCollator(tokenizer, model_inputs=forward_arguments(classifier)))(rows)
+    assert batch["labels"].tolist() == [1, 0, 1, 0] and "numeric_values" in batch
+    output = classifier(**batch)
+    assert torch.allclose(output.loss, torch.nn.functional.cross_entropy(output.logits, batch["labels"]))
+
+
 # ------------------------------------------------------------------ objectives
 
 
