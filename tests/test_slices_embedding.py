@@ -13,7 +13,14 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from crystal_tokenizers.errors import CrystalDecodeError, DecodeTimeoutError, EmbeddingError, SymmetryMismatchError
 from crystal_tokenizers.slices import codec, embedding
-from crystal_tokenizers.slices.graph import CrystalGraph, graphs_match, structure_to_graph
+from crystal_tokenizers.slices.graph import (
+    ADAPTIVE_TOLERANCES,
+    CrystalGraph,
+    graphs_match,
+    is_connected_3_periodic,
+    periodic_rank,
+    structure_to_graph,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,7 @@ def test_barycentric_placement_of_rocksalt_puts_cl_at_the_cell_centre(rocksalt):
     graph = structure_to_graph(rocksalt, "minimumdistancenn")
     frac = embedding.barycentric_placement(graph)
     na, cl = [k for k, s in enumerate(graph.species) if s == "Na"], [k for k, s in enumerate(graph.species) if s == "Cl"]
-    assert embedding.periodic_rank(graph) == 3
+    assert periodic_rank(graph) == 3
     assert not embedding.has_collision(frac)
     assert len(na) == len(cl) == 4  # conventional cell as built: 4 Na at fcc points, 4 Cl
     offsets = (frac[cl][:, None, :] - frac[na][None, :, :]) % 1.0
@@ -94,3 +101,35 @@ def test_random_graphs_decode_or_fail_typed_within_the_time_box(graph):
     except CrystalDecodeError:
         pass
     assert time.monotonic() - start < 3.0  # time box plus the final graph check
+
+
+def _sample_structure(sample_table, material_id: str) -> Structure:
+    row = sample_table.set_index("material_id").loc[material_id]
+    return Structure.from_str(row["cif"], fmt="cif")
+
+
+def test_adaptive_strategy_raises_tolerance_until_the_net_is_3_periodic(sample_table):
+    """Y2GeI2 (mp-676315) is layered: pymatgen's default tolerance leaves the layers unbonded."""
+    structure = _sample_structure(sample_table, "mp-676315")
+    assert not is_connected_3_periodic(structure_to_graph(structure, "minimumdistancenn"))
+    adaptive = structure_to_graph(structure, "minimumdistancenn_adaptive")
+    assert is_connected_3_periodic(adaptive)
+    assert len(adaptive.edges) > len(structure_to_graph(structure, "minimumdistancenn").edges)
+    assert ADAPTIVE_TOLERANCES[0] == 0.1
+
+
+def test_decoded_cluster_crystal_has_no_overlapping_atoms(sample_table):
+    """K2B6H6 (mp-23950): pendant H atoms and B6 clusters once symmetrised onto one point."""
+    from crystal_tokenizers import SlicesPlusTokenizer
+
+    tokenizer = SlicesPlusTokenizer()
+    text = tokenizer.structure_to_string(_sample_structure(sample_table, "mp-23950"))
+    decoded = tokenizer.string_to_structure(text)
+    distances = decoded.distance_matrix + 99.0 * np.eye(len(decoded))
+    assert distances.min() > 0.5
+    assert tokenizer.string_graph_matches(text, decoded)
+
+
+def test_min_separation_counts_periodic_images():
+    frac = np.array([[0.0, 0.0, 0.0], [0.98, 0.0, 0.0]])
+    assert embedding.min_separation(frac, 5.0 * np.eye(3)) == pytest.approx(0.1)

@@ -55,6 +55,7 @@ from crystal_tokenizers.slices.graph import (
     CrystalGraph,
     graphs_match,
     orient_edge,
+    periodic_rank,
     shift_gauge,
     structure_to_graph,
 )
@@ -67,6 +68,8 @@ _FALLBACK_RADIUS = 1.5  # Å, for elements without a tabulated covalent radius
 _IMAGES = np.array(list(product((-1, 0, 1), repeat=3)), dtype=float)  # 27 neighbouring cells
 _ZERO_IMAGE = 13  # index of (0, 0, 0) in _IMAGES
 _COLLISION = 1e-3  # fractional distance below which two barycentric nodes coincide
+_MIN_SEPARATION = 0.5  # Å, closest approach of two decoded atoms (the structural-validity bound)
+_SEPARATION_STEPS = (0.02, 0.05, 0.1)  # fractional scales of the symmetric kicks that part coincident atoms
 _SMALLEST_ANGLE_DEG = {2: 120.0, 3: 120.0, 4: 109.47, 5: 90.0, 6: 90.0, 7: 72.0, 8: 70.53, 9: 66.0, 10: 64.0}
 """Smallest bond angle of the ideal coordination polyhedron by coordination number (60° beyond)."""
 _NET_SYMPRECS = (0.01,)  # Å, tolerance for the exact symmetry of a barycentric placement
@@ -180,31 +183,6 @@ def _edge_arrays(graph: CrystalGraph) -> tuple[np.ndarray, np.ndarray]:
     return edges[:, :2], edges[:, 2:].astype(float)
 
 
-def periodic_rank(graph: CrystalGraph) -> int:
-    """Rank of the lattice spanned by the net's cycles (3 for a 3-periodic net)."""
-    pairs, offsets = _edge_arrays(graph)
-    position: dict[int, np.ndarray] = {}
-    adjacency: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(graph.num_nodes)]
-    for (i, j), v in zip(pairs, offsets):
-        adjacency[i].append((j, v))
-        adjacency[j].append((i, -v))
-    cycles = []
-    for root in range(graph.num_nodes):
-        if root in position:
-            continue
-        position[root] = np.zeros(3)
-        stack = [root]
-        while stack:
-            u = stack.pop()
-            for w, v in adjacency[u]:
-                if w not in position:
-                    position[w] = position[u] + v
-                    stack.append(w)
-                else:
-                    cycles.append(position[u] + v - position[w])
-    return int(np.linalg.matrix_rank(np.array(cycles))) if cycles else 0
-
-
 def barycentric_placement(graph: CrystalGraph, weights: np.ndarray | None = None) -> np.ndarray:
     """Fractional positions (n, 3) solving the (weighted) barycentric edge equations ``L x = b``."""
     n = graph.num_nodes
@@ -229,6 +207,36 @@ def has_collision(frac: np.ndarray) -> bool:
     diff -= np.round(diff)
     dist = np.linalg.norm(diff, axis=-1) + np.eye(len(frac))
     return bool(np.any(dist < _COLLISION))
+
+
+def min_separation(frac: np.ndarray, lat: np.ndarray) -> float:
+    """Shortest distance (Å) between two atoms of the crystal (periodic images included)."""
+    diff = frac[None, :, :] - frac[:, None, :]
+    diff -= np.round(diff)
+    vectors = (diff[:, :, None, :] + _IMAGES[None, None, :, :]) @ lat
+    dist = np.linalg.norm(vectors, axis=-1)
+    dist[np.arange(len(frac)), np.arange(len(frac)), _ZERO_IMAGE] = np.inf
+    return float(dist.min())
+
+
+def separate_symmetric(
+    frac: np.ndarray,
+    metric: np.ndarray,
+    symops: Sequence[SymOp],
+    actions: Sequence[tuple[list[int], np.ndarray]],
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Part atoms that a symmetrised placement put on one point by a random kick projected onto the operations.
+
+    A pendant atom sits at its only neighbour's barycentre, and the bond term has no direction at zero
+    length, so without a kick the optimisation keeps such pairs together. The projected kick keeps the
+    symmetry (an atom on a special position only moves along its site's free directions).
+    """
+    for scale in _SEPARATION_STEPS:
+        if not has_collision(frac):
+            break
+        frac, _ = symmetrize(frac + rng.normal(0.0, scale, frac.shape), metric, symops, actions)
+    return frac
 
 
 def initial_positions(graph: CrystalGraph, rng: np.random.Generator) -> np.ndarray:
@@ -674,6 +682,7 @@ def embed(
             symops, actions = detect_symmetry(graph, frac, np.linalg.cholesky(metric), _NET_SYMPRECS)
         if symops:
             frac, metric = symmetrize(frac, metric, symops, actions)
+            frac = separate_symmetric(frac, metric, symops, actions, rng)
             objective.symmetry = (
                 np.array([op.matrices()[0] for op in symops], dtype=float),
                 np.array([sigma for sigma, _ in actions], dtype=int),
@@ -693,6 +702,9 @@ def embed(
         raise EmbeddingError(f"degenerate cell or placement: {err}") from err
     if not (np.all(np.isfinite(lat)) and np.all(np.isfinite(frac))) or abs(np.linalg.det(lat)) < 1e-3:
         raise EmbeddingError("optimisation collapsed the cell")
+    closest = min_separation(frac, lat)
+    if closest < _MIN_SEPARATION:
+        raise EmbeddingError(f"two atoms end {closest:.2f} Å apart (below {_MIN_SEPARATION} Å)")
     wrapped, _ = shift_gauge(frac)
     return Structure(Lattice(lat), list(graph.species), wrapped)
 
@@ -714,21 +726,29 @@ def embed_checked(
     attempts: int = len(RETRY_VARIANTS),
 ) -> Structure:
     """``embed``, re-run with the next ``RETRY_VARIANTS`` entry while the decoded crystal's graph (by
-    ``strategy``) differs from ``graph``; returns the first matching crystal, else the first one.
+    ``strategy``) differs from ``graph``; returns the first matching crystal, else the first one built.
 
-    All attempts share the time box ``params.time_limit_s``.
+    With operations, a last attempt leaves them out (the net's own symmetry is used, as for plain
+    SLICES): operations whose graph actions pin atoms onto each other are reported and dropped, not
+    returned as a crystal with overlapping atoms. All attempts share the time box
+    ``params.time_limit_s``; the first error is raised when no attempt builds a crystal.
     """
     start = time.monotonic()
+    plan = [(tuple(symops), changes) for changes in RETRY_VARIANTS[: max(1, attempts)]]
+    if symops:
+        plan.append(((), {}))
     first: Structure | None = None
-    for k, changes in enumerate(RETRY_VARIANTS[: max(1, attempts)]):
+    first_error: CrystalDecodeError | None = None
+    for operations, changes in plan:
         remaining = params.time_limit_s - (time.monotonic() - start)
         if remaining <= 0:
             break
         try:
-            structure = embed(graph, symops, replace(params, time_limit_s=remaining, **changes))
-        except CrystalDecodeError:
-            if k == 0:
-                raise
+            structure = embed(graph, operations, replace(params, time_limit_s=remaining, **changes))
+        except CrystalDecodeError as err:
+            if not operations and symops:
+                logger.warning("decoded without the symmetry part after: %s", first_error or err)
+            first_error = first_error or err
             continue
         try:
             found = structure_to_graph(structure, strategy)
@@ -737,6 +757,6 @@ def embed_checked(
         if found is not None and graphs_match(graph, found):
             return structure
         first = first or structure
-    if first is None:
-        raise DecodeTimeoutError(f"embedding exceeded its time box of {params.time_limit_s} s")
-    return first
+    if first is not None:
+        return first
+    raise first_error or DecodeTimeoutError(f"embedding exceeded its time box of {params.time_limit_s} s")

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from crystal_tokenizers.loading import TOKENIZER_NAMES, load_tokenizer
 from crystal_tokenizers.roundtrip import round_trip
 from training.io import read_structures
+from training.relax import graph_preserving_relaxer
 
 HELP = "Round-trip structures through a tokenizer (structure -> string -> structure) and report match rates."
 
@@ -23,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows")
     parser.add_argument("--symprec", type=float, default=None, help="spglib tolerance in Å (Wyckoff tokenizer)")
     parser.add_argument("--failures", type=int, default=10, help="list up to N failures on stderr")
+    parser.add_argument("--relax", action="store_true",
+                        help="relax every SLICES decode with CHGNet (the mlip extra), kept if its graph still matches")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
 
@@ -36,7 +39,13 @@ def run(args: argparse.Namespace) -> int:
     def progress(items):
         return tqdm(items, total=len(items), file=sys.stderr, desc="round trip", leave=False)
 
-    report = round_trip(tokenizer, structures, ids=ids, progress=progress)
+    refine = None
+    if args.relax:
+        if not hasattr(tokenizer, "string_graph_matches"):
+            print("--relax applies to the SLICES tokenizers only", file=sys.stderr)
+            return 2
+        refine = graph_preserving_relaxer(tokenizer)
+    report = round_trip(tokenizer, structures, ids=ids, progress=progress, refine=refine)
     result = report.to_dict()
     if parse_errors:
         result["n"] += len(parse_errors)

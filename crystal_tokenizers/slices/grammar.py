@@ -1,0 +1,531 @@
+"""Grammar-constrained decoding of SLICES / SLICES-PLUS strings (format in ``slices.codec``).
+
+:class:`SlicesGrammarLogitsProcessor` is a ``transformers.LogitsProcessor`` that masks every token after
+which the sequence could no longer become a string that ``parse_record`` accepts and whose graph the
+decoder can embed. A sequence is ``<bos>`` (after any left padding), the string's tokens, ``<eos>``;
+conditions (crystal system, properties) are model inputs, not tokens. The rules:
+
+- nodes: element symbols, at least one and at most ``max_nodes``; with ``order="canonical"`` in the
+  encoder's order (electronegativity, then atomic number: ``slices.graph.canonical_order``);
+- edges: five tokens ``i j a b c`` with ``i <= j < nodes`` and labels ``-``/``o``/``+`` only in the three
+  offset slots; a loop ``i i`` has a non-zero offset whose first non-zero entry is positive
+  (``graph.orient_edge``). ``order="canonical"`` (what ``SlicesPlusTokenizer`` writes): edges strictly
+  increasing as integer tuples (so no duplicates). ``order="published"`` (the SLICES-PLUS paper's files):
+  ``i`` never decreases, the edges of one node pair are contiguous, their offsets distinct unless
+  ``duplicate_edges=True`` (some published strings repeat an edge; the parser drops the copy);
+- the end of the edges (``<eos>``, or for SLICES-PLUS the first symmetry group) only once the labelled
+  quotient graph is complete: every node bonded, one connected component, and a cycle space of rank 3
+  (3-periodic, ``embedding.periodic_rank``). Components are kept in a union-find with offset potentials
+  and the cycle space as an integer basis of at most three vectors, updated once per edge. A token is
+  allowed only if the graph can still be completed afterwards: every future edge ``(i', j')`` has
+  ``i' >= i``, so a component whose nodes all lie below the current ``i`` is frozen; the fewest edges
+  still needed are exactly ``(components - 1) + (3 - rank)`` (the exact bound used for ``max_length``);
+- SLICES-PLUS (``symmetry=True``): after the edges, six-token groups (three rotation-row letters, three
+  translation codes). The first group is the identity ``i u y 1s 1s 1s`` (spglib lists it first, and so
+  does every encoded and published string); every rotation is an integer matrix of finite order
+  (``R^12 = I``, so ``det R = +-1``; checked when its third row is chosen); no group is repeated; at most
+  ``max_symops`` groups (crystal cells as given: the published files reach 192 operations);
+- ``max_length`` (the total length passed to ``generate``, prompt and padding included): a token is
+  allowed only if the shortest completion after it, ``<eos>`` included, still fits, so every sequence
+  closes in time when the budget allows any string at all; ``<pad>`` after ``<eos>``.
+
+State is kept per sequence and advanced one token per step; a new prompt (or batch) resets it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import math
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor
+
+from crystal_tokenizers.slices.codec import ELEMENT_SYMBOLS, OFFSET_LABELS, ROTATION_ROWS, TRANSLATION_CODES
+from crystal_tokenizers.slices.graph import _electronegativity_key
+
+logger = logging.getLogger(__name__)
+
+ORDERS = ("canonical", "published")
+"""Edge orders: the tokenizer's sorted canonical form, or the looser order of the published files."""
+DEFAULT_MAX_SYMOPS = 192
+"""Operations per string: 48 point operations times up to 4 centring translations (published maximum)."""
+IDENTITY_TOKENS = ("i", "u", "y", "1s", "1s", "1s")
+"""The identity operation, the first group of every SLICES-PLUS string."""
+
+Offset = tuple[int, int, int]
+_OFFSETS: tuple[Offset, ...] = tuple(itertools.product((-1, 0, 1), repeat=3))
+"""The 27 periodic-image offsets in increasing order."""
+_LOOP_OFFSETS: tuple[Offset, ...] = tuple(v for v in _OFFSETS if v > (0, 0, 0))
+"""The 13 offsets a loop may carry (first non-zero entry positive)."""
+_LABEL_OF = {v: k for k, v in OFFSET_LABELS.items()}
+_TRANSLATION_LIMIT = len(TRANSLATION_CODES)
+INF = math.inf
+
+
+class Phase(Enum):
+    """Where a sequence is in the grammar."""
+
+    START = "start"
+    NODES = "nodes"
+    EDGES = "edges"
+    SYMOPS = "symmetry operations"
+    DONE = "done"
+
+
+# --------------------------------------------------------------------------------- small integer algebra
+
+
+def _sub(a: Offset, b: Offset) -> Offset:
+    return (a[0] - b[0], a[1] - b[1], a[2] - b[2])
+
+
+def _add(a: Offset, b: Offset) -> Offset:
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
+
+
+def _cross(a: Offset, b: Offset) -> Offset:
+    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+
+
+def independent(basis: list[Offset], w: Offset) -> bool:
+    """Whether the integer vector ``w`` lies outside the span of ``basis`` (0-3 independent vectors)."""
+    if len(basis) == 0:
+        return w != (0, 0, 0)
+    if len(basis) == 1:
+        return _cross(basis[0], w) != (0, 0, 0)
+    if len(basis) == 2:
+        n = _cross(basis[0], basis[1])
+        return n[0] * w[0] + n[1] * w[1] + n[2] * w[2] != 0
+    return False
+
+
+def _completes_rank(basis: list[Offset], vectors: list[Offset]) -> bool:
+    """Whether ``basis`` together with ``vectors`` spans all three dimensions."""
+    basis = list(basis)
+    for w in vectors:
+        if len(basis) == 3:
+            break
+        if independent(basis, w):
+            basis.append(w)
+    return len(basis) == 3
+
+
+@functools.cache
+def _species_key(symbol: str) -> tuple[float, int]:
+    """Sort key of a node species in the canonical order (electronegativity, then atomic number)."""
+    return _electronegativity_key(symbol)
+
+
+@functools.cache
+def rotation_tables() -> tuple[frozenset[str], frozenset[tuple[str, str]], frozenset[tuple[str, str, str]]]:
+    """First rows, first-two-row prefixes and full letter triples of the finite-order rotations."""
+    letters = list(ROTATION_ROWS)
+    triples = list(itertools.product(letters, repeat=3))
+    m = np.array([[ROTATION_ROWS[a], ROTATION_ROWS[b], ROTATION_ROWS[c]] for a, b, c in triples], dtype=np.int64)
+    eye = np.eye(3, dtype=np.int64)
+    m2 = m @ m
+    m3 = m2 @ m
+    finite = np.zeros(len(triples), dtype=bool)
+    for power in (m, m2, m3, m2 @ m2, m3 @ m3):  # orders 1, 2, 3, 4, 6
+        finite |= np.all(power == eye, axis=(1, 2))
+    valid = [t for t, ok in zip(triples, finite) if ok]
+    return frozenset(t[0] for t in valid), frozenset(t[:2] for t in valid), frozenset(valid)
+
+
+# --------------------------------------------------------------------------------- per-sequence state
+
+
+@dataclass
+class _Row:
+    """Grammar state of one sequence."""
+
+    phase: Phase = Phase.START
+    species_key: tuple[float, int] | None = None
+    num_nodes: int = 0
+    comp: list[int] = field(default_factory=list)  # component label (a member node) of every node
+    pot: list[Offset] = field(default_factory=list)  # lift of every node relative to its component
+    members: dict[int, list[int]] = field(default_factory=dict)
+    basis: list[Offset] = field(default_factory=list)  # independent cycle vectors (rank = len)
+    uncovered: set[int] = field(default_factory=set)  # nodes without a bond yet
+    num_edges: int = 0
+    last: tuple[int, int, Offset] | None = None  # last complete edge
+    closed: set[int] = field(default_factory=set)  # published order: partners j of earlier pairs (last i, j)
+    used: set[Offset] = field(default_factory=set)  # published order: offsets of the current pair
+    partial: list[Any] = field(default_factory=list)  # tokens of the edge or group being written
+    v_options: list[tuple[Offset, float]] | None = None
+    ops: set[tuple[str, ...]] = field(default_factory=set)
+    op_prefixes: dict[tuple[str, ...], int] = field(default_factory=dict)
+
+    @property
+    def components(self) -> int:
+        return len(self.members)
+
+    @property
+    def rank(self) -> int:
+        return len(self.basis)
+
+    def complete(self, periodic: bool) -> bool:
+        if periodic:
+            return self.num_nodes > 0 and self.components == 1 and self.rank == 3
+        return self.num_edges > 0 and not self.uncovered
+
+    def lowest_max(self) -> int:
+        """The smallest largest-node index over the components (``i`` may not pass it while others remain)."""
+        return min(max(nodes) for nodes in self.members.values())
+
+    def add_node(self) -> None:
+        k = self.num_nodes
+        self.comp.append(k)
+        self.pot.append((0, 0, 0))
+        self.members[k] = [k]
+        self.uncovered.add(k)
+        self.num_nodes += 1
+
+    def add_edge(self, i: int, j: int, v: Offset) -> None:
+        self.uncovered.discard(i)
+        self.uncovered.discard(j)
+        ci, cj = self.comp[i], self.comp[j]
+        if ci == cj:
+            w = _add(_sub(self.pot[i], self.pot[j]), v)
+            if len(self.basis) < 3 and independent(self.basis, w):
+                self.basis.append(w)
+        else:  # relabel the smaller component: p_j = p_i + v
+            shift = _sub(_add(self.pot[i], v), self.pot[j])
+            keep, gone = (ci, cj) if len(self.members[ci]) >= len(self.members[cj]) else (cj, ci)
+            if gone == ci:
+                shift = (-shift[0], -shift[1], -shift[2])
+            for k in self.members[gone]:
+                self.comp[k] = keep
+                self.pot[k] = _add(self.pot[k], shift)
+            self.members[keep].extend(self.members.pop(gone))
+        self.num_edges += 1
+
+
+class SlicesGrammarLogitsProcessor(LogitsProcessor):
+    """Masks tokens that would make a SLICES / SLICES-PLUS sequence unparsable or its graph undecodable.
+
+    Built from a ``SlicesPlusTokenizer`` (``tok.grammar_processor(**kwargs)``). ``symmetry`` defaults to
+    the tokenizer's (``False``: plain SLICES, no symmetry groups); ``order`` is ``"canonical"`` for
+    models trained on the tokenizer's own strings and ``"published"`` for the paper's files (see the module
+    docstring); ``max_length`` is the total sequence length passed to ``generate``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        symmetry: bool | None = None,
+        order: str = "canonical",
+        max_nodes: int | None = None,
+        max_symops: int = DEFAULT_MAX_SYMOPS,
+        max_length: int | None = None,
+        duplicate_edges: bool = False,
+        periodic: bool = True,
+    ) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        vocab = tokenizer.get_vocab()
+        self.symmetry = bool(getattr(tokenizer, "symmetry", True) if symmetry is None else symmetry)
+        self.order = order
+        self.canonical = order == "canonical"
+        self.duplicate_edges = duplicate_edges and not self.canonical
+        self.index_ids = []
+        while str(len(self.index_ids)) in vocab:
+            self.index_ids.append(vocab[str(len(self.index_ids))])
+        self.max_nodes = min(max_nodes or getattr(tokenizer, "max_nodes", len(self.index_ids)), len(self.index_ids))
+        if self.max_nodes < 1 or max_symops < 1:
+            raise ValueError(f"max_nodes and max_symops must be positive, got {self.max_nodes}, {max_symops}")
+        self.max_symops = max_symops
+        self.max_length = max_length
+        self.periodic = periodic
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else vocab["<pad>"]
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else vocab["<eos>"]
+        self.bos_id = tokenizer.bos_token_id
+        self._token_of = {i: t for t, i in vocab.items()}
+        self._index_of = {token_id: k for k, token_id in enumerate(self.index_ids)}
+        self.label_ids = {v: vocab[label] for label, v in OFFSET_LABELS.items()}
+        self._offset_of = {token_id: v for v, token_id in self.label_ids.items()}
+        self.row_ids = {letter: vocab[letter] for letter in ROTATION_ROWS}
+        self._row_id_set = frozenset(self.row_ids.values())
+        self.code_ids = {code: vocab[code] for code in TRANSLATION_CODES}
+        elements = [(symbol, vocab[symbol]) for symbol in ELEMENT_SYMBOLS if symbol in vocab]
+        self._element_key = {token_id: _species_key(symbol) for symbol, token_id in elements}
+        by_key = sorted(self._element_key.items(), key=lambda item: item[1])
+        self._sorted_element_ids = [token_id for token_id, _ in by_key]
+        self._sorted_element_keys = [key for _, key in by_key]
+        self._first_rows, self._row_pairs, self._rotations = rotation_tables()
+        self._tail = (len(IDENTITY_TOKENS) if self.symmetry else 0) + 1  # identity group, <eos>
+        self._rows: list[_Row] = []
+        self._seen: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ state
+    def _sync(self, input_ids: torch.LongTensor) -> None:
+        """Advance the per-row states to ``input_ids`` (one new column), or restart on a new prompt."""
+        seen = self._seen
+        if seen is not None and seen.shape == input_ids.shape and torch.equal(seen, input_ids):
+            return
+        ids = input_ids.tolist()
+        if (seen is not None and seen.shape[0] == input_ids.shape[0] and seen.shape[1] + 1 == input_ids.shape[1]
+                and torch.equal(seen, input_ids[:, :-1])):
+            for row, sequence in zip(self._rows, ids):
+                self._advance(row, sequence[-1], len(sequence) - 1)
+        else:
+            self._rows = [_Row() for _ in ids]
+            for row, sequence in zip(self._rows, ids):
+                for column, token_id in enumerate(sequence):
+                    self._advance(row, token_id, column)
+        self._seen = input_ids.clone()
+
+    def _advance(self, row: _Row, token_id: int, column: int) -> None:
+        """Consume one token (prompt or generated)."""
+        if row.phase is Phase.DONE:
+            return
+        if row.phase is Phase.START:
+            if token_id in (self.pad_id, self.bos_id):
+                return
+            row.phase = Phase.NODES
+        if token_id == self.eos_id:
+            row.phase = Phase.DONE
+            return
+        if row.phase is Phase.NODES and token_id in self._element_key:
+            row.species_key = self._element_key[token_id]
+            row.add_node()
+            return
+        if row.phase in (Phase.NODES, Phase.EDGES) and not row.partial and token_id in self._row_id_set:
+            row.phase = Phase.SYMOPS
+        if row.phase is Phase.SYMOPS:
+            self._advance_symop(row, token_id, column)
+            return
+        row.phase = Phase.EDGES
+        slot = len(row.partial)
+        if slot < 2 and token_id in self._index_of and self._index_of[token_id] < row.num_nodes:
+            row.partial.append(self._index_of[token_id])
+        elif slot >= 2 and token_id in self._offset_of:
+            row.partial.append(self._offset_of[token_id])
+        else:
+            raise ValueError(f"token {self._token_of.get(token_id)!r} at column {column} cannot be edge slot {slot}")
+        if slot == 1:
+            row.v_options = None
+        if len(row.partial) == 5:
+            i, j = row.partial[:2]
+            v = tuple(row.partial[2:])
+            if i > j or (i == j and v <= (0, 0, 0)):
+                raise ValueError(f"edge {i} {j} {v} at column {column} is not oriented canonically")
+            if not self.canonical:
+                if row.last is not None and i == row.last[0] and j != row.last[1]:
+                    row.closed.add(row.last[1])
+                elif row.last is None or i != row.last[0]:
+                    row.closed = set()
+                if row.last is None or (i, j) != row.last[:2]:
+                    row.used = set()
+                row.used.add(v)
+            row.add_edge(i, j, v)
+            row.last = (i, j, v)
+            row.partial = []
+
+    def _advance_symop(self, row: _Row, token_id: int, column: int) -> None:
+        token = self._token_of.get(token_id, "<unk>")
+        slot = len(row.partial)
+        if (slot < 3 and token not in ROTATION_ROWS) or (slot >= 3 and token not in TRANSLATION_CODES):
+            raise ValueError(f"token {token!r} at column {column} cannot be symmetry slot {slot}")
+        row.partial.append(token)
+        if len(row.partial) == 6:
+            group = tuple(row.partial)
+            row.ops.add(group)
+            for cut in (4, 5, 6):
+                row.op_prefixes[group[:cut]] = row.op_prefixes.get(group[:cut], 0) + 1
+            row.partial = []
+
+    # ------------------------------------------------------------------ edge feasibility
+    def _need_after(self, row: _Row, i: int, j: int, v: Offset, lowest_max: int) -> float:
+        """Fewest edges still needed after adding ``(i, j, v)`` (``inf``: the graph can no longer be completed)."""
+        if not self.periodic:
+            return self._cover_need(row, i, j)
+        n = row.num_nodes
+        same = row.comp[i] == row.comp[j]
+        components = row.components - (not same)
+        basis = row.basis
+        if same and len(basis) < 3:
+            w = _add(_sub(row.pot[i], row.pot[j]), v)
+            if independent(basis, w):
+                basis = basis + [w]
+        if components > 1:
+            return (components - 1) + (3 - len(basis)) if i <= lowest_max else INF
+        if i < n - 1 or len(basis) == 3:
+            return 3 - len(basis)
+        # a loop on the last node: only later loops on it remain
+        if self.canonical:
+            later = [u for u in _LOOP_OFFSETS if u > v]
+        else:
+            used = row.used if row.last is not None and row.last[:2] == (i, i) else set()
+            later = [u for u in _LOOP_OFFSETS if u != v and u not in used]
+        return 3 - len(basis) if _completes_rank(basis, later) else INF
+
+    @staticmethod
+    def _cover_need(row: _Row, i: int, j: int) -> float:
+        """``periodic=False``: edges needed to bond every node after an edge on ``(i, j)``.
+
+        Later edges start at ``i`` or above, so an unbonded node below ``i`` stays unbonded; the others
+        are bonded in pairs (a loop for the last one).
+        """
+        rest = [u for u in row.uncovered if u != i and u != j]
+        if rest and min(rest) < i:
+            return INF
+        return (len(rest) + 1) // 2
+
+    def _nodes_need(self, num_nodes: int) -> int:
+        """Edges needed by ``num_nodes`` nodes without edges."""
+        return num_nodes + 2 if self.periodic else (num_nodes + 1) // 2
+
+    def _offsets(self, row: _Row, i: int, j: int) -> list[Offset]:
+        """Offsets the edge ``(i, j, .)`` may carry after the last edge."""
+        base = _LOOP_OFFSETS if i == j else _OFFSETS
+        last = row.last
+        if last is None or (i, j) != last[:2]:
+            return list(base)
+        if self.canonical:
+            return [v for v in base if v > last[2]]
+        return list(base) if self.duplicate_edges else [v for v in base if v not in row.used]
+
+    def _pair_open(self, row: _Row, i: int, j: int) -> bool:
+        """Whether a new edge may name the pair ``(i, j)`` (order rules only)."""
+        last = row.last
+        if last is None or i > last[0]:
+            return True
+        if i < last[0]:
+            return False
+        if self.canonical:
+            return j >= last[1]
+        return j == last[1] or j not in row.closed
+
+    def _pair_need(self, row: _Row, i: int, j: int, lowest_max: int) -> float:
+        """Fewest edges needed after an edge on the pair ``(i, j)`` (best offset)."""
+        last = row.last
+        restricted = last is not None and (i, j) == last[:2]
+        if not self.periodic:
+            return self._cover_need(row, i, j) if not restricted or self._offsets(row, i, j) else INF
+        if restricted or i == row.num_nodes - 1:
+            return min((self._need_after(row, i, j, v, lowest_max) for v in self._offsets(row, i, j)), default=INF)
+        # free offsets: a merge, or (rank < 3) some offset adds an independent cycle
+        same = row.comp[i] == row.comp[j]
+        components = row.components - (not same)
+        gain = same and row.rank < 3
+        if components > 1 and i > lowest_max:
+            return INF
+        return (components - 1) + (3 - row.rank - gain)
+
+    def _i_needs(self, row: _Row) -> dict[int, float]:
+        lowest_max = row.lowest_max()
+        start = row.last[0] if row.last is not None else 0
+        if self.periodic:
+            floor = max(0, row.components - 2 + 3 - row.rank)
+        else:
+            floor = max(0, len(row.uncovered) - 1) // 2
+        needs = {}
+        for i in range(start, row.num_nodes):
+            best = INF
+            for j in range(i, row.num_nodes):
+                if self._pair_open(row, i, j):
+                    best = min(best, self._pair_need(row, i, j, lowest_max))
+                    if best <= floor:
+                        break  # no edge can do better
+            needs[i] = best
+        return needs
+
+    # ------------------------------------------------------------------ allowed tokens
+    def _budget(self, length: int) -> float:
+        """Tokens that may follow the one chosen now."""
+        return INF if self.max_length is None else self.max_length - length - 1
+
+    def allowed_tokens(self, row: _Row, length: int) -> list[int]:
+        """Token ids that may come next for ``row`` at sequence length ``length``."""
+        budget = self._budget(length)
+        if row.phase is Phase.DONE:
+            return [self.pad_id]
+        if row.phase is Phase.SYMOPS:
+            return self._symop_tokens(row, budget)
+        allowed: list[int] = []
+        slot = len(row.partial)
+        if slot == 0:
+            if row.phase in (Phase.START, Phase.NODES) and row.num_nodes < self.max_nodes:
+                if 5 * self._nodes_need(row.num_nodes + 1) + self._tail <= budget:
+                    allowed += self._element_tokens(row)
+            if row.complete(self.periodic):
+                if self.symmetry:
+                    if len(IDENTITY_TOKENS) <= budget:
+                        allowed.append(self.row_ids[IDENTITY_TOKENS[0]])
+                else:
+                    allowed.append(self.eos_id)
+            if row.num_nodes:
+                allowed += [self.index_ids[i] for i, need in self._i_needs(row).items()
+                            if 4 + 5 * need + self._tail <= budget]
+            return allowed
+        if slot == 1:
+            i = row.partial[0]
+            lowest_max = row.lowest_max()
+            return [self.index_ids[j] for j in range(i, row.num_nodes)
+                    if self._pair_open(row, i, j) and 3 + 5 * self._pair_need(row, i, j, lowest_max) + self._tail <= budget]
+        if row.v_options is None:
+            i, j = row.partial[:2]
+            lowest_max = row.lowest_max()
+            row.v_options = [(v, self._need_after(row, i, j, v, lowest_max)) for v in self._offsets(row, i, j)]
+        prefix = tuple(row.partial[2:])
+        left = 4 - slot
+        labels = {v[slot - 2] for v, need in row.v_options
+                  if v[:slot - 2] == prefix and left + 5 * need + self._tail <= budget}
+        return [self.label_ids[x] for x in sorted(labels)]
+
+    def _element_tokens(self, row: _Row) -> list[int]:
+        if not self.canonical or row.species_key is None:
+            return self._sorted_element_ids
+        return self._sorted_element_ids[bisect_left(self._sorted_element_keys, row.species_key):]
+
+    def _symop_tokens(self, row: _Row, budget: float) -> list[int]:
+        slot = len(row.partial)
+        if not row.ops:  # the identity comes first
+            return [self.row_ids[IDENTITY_TOKENS[slot]] if slot < 3 else self.code_ids[IDENTITY_TOKENS[slot]]]
+        if slot == 0:
+            allowed = [self.eos_id]
+            if len(row.ops) < self.max_symops and len(IDENTITY_TOKENS) <= budget:
+                allowed += [self.row_ids[a] for a in sorted(self._first_rows)]
+            return allowed
+        if slot == 1:
+            return [self.row_ids[b] for b in ROTATION_ROWS if (row.partial[0], b) in self._row_pairs]
+        if slot == 2:
+            return [self.row_ids[c] for c in ROTATION_ROWS if (*row.partial, c) in self._rotations]
+        prefix = tuple(row.partial)
+        limit = _TRANSLATION_LIMIT ** (5 - slot)  # groups that share this prefix at most
+        return [self.code_ids[code] for code in TRANSLATION_CODES
+                if row.op_prefixes.get((*prefix, code), 0) < limit]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._sync(input_ids)
+        length = input_ids.shape[1]
+        rows, columns = [], []
+        for index, row in enumerate(self._rows):
+            allowed = self.allowed_tokens(row, length)
+            if not allowed:
+                logger.warning("no completable continuation for sequence %d in phase %s; ending it", index, row.phase.value)
+                allowed = [self.eos_id]
+            rows.extend([index] * len(allowed))
+            columns.extend(allowed)
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        mask[torch.tensor(rows, device=scores.device), torch.tensor(columns, device=scores.device)] = True
+        return scores.masked_fill(~mask, -math.inf)
+
+
+__all__ = [
+    "DEFAULT_MAX_SYMOPS",
+    "IDENTITY_TOKENS",
+    "ORDERS",
+    "Phase",
+    "SlicesGrammarLogitsProcessor",
+    "independent",
+    "rotation_tables",
+]
