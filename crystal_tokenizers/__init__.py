@@ -17,6 +17,7 @@ from crystal_tokenizers.errors import (
     SymmetryMismatchError,
     UnsupportedElementError,
 )
+from crystal_tokenizers.slices.grammar import SlicesGrammarLogitsProcessor
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
 from crystal_tokenizers.tokenization_wyckoff import WyckoffTokenizer
 from crystal_tokenizers.wyckoff.grammar import WyckoffGrammarLogitsProcessor
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidStructureError",
     "InvalidWyckoffError",
     "MalformedSequenceError",
+    "SlicesGrammarLogitsProcessor",
     "SlicesPlusTokenizer",
     "SymmetryAnalysisError",
     "SymmetryMismatchError",

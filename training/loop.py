@@ -584,7 +584,7 @@ def _take(items: Iterator[Any], n: int) -> Iterator[Any]:
 def sample_validity(model: torch.nn.Module, tokenizer: Any, num_samples: int, max_new_tokens: int) -> float | None:
     """Fraction of ``num_samples`` unconditional samples that the tokenizer decodes to a crystal.
 
-    Samples are grammar-constrained when the tokenizer offers ``grammar_processor`` (Wyckoff).
+    Samples are grammar-constrained when the tokenizer offers ``grammar_processor`` (Wyckoff, SLICES).
 
     ``None`` when the model cannot generate or the tokenizer has no ``decode_structures``.
     """

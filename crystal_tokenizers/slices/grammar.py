@@ -19,7 +19,11 @@ conditions (crystal system, properties) are model inputs, not tokens. The rules:
   and the cycle space as an integer basis of at most three vectors, updated once per edge. A token is
   allowed only if the graph can still be completed afterwards: every future edge ``(i', j')`` has
   ``i' >= i``, so a component whose nodes all lie below the current ``i`` is frozen; the fewest edges
-  still needed are exactly ``(components - 1) + (3 - rank)`` (the exact bound used for ``max_length``);
+  still needed are exactly ``(components - 1) + (3 - rank)`` (the exact bound used for ``max_length``).
+  ``periodic=False`` only asks that every node be bonded, which is all the encoder guarantees: some
+  graphs are disconnected or of rank < 3 (layered and molecular crystals; 248 of the 2,305 of
+  ``../shared/data/mp20_sample`` under plain MinimumDistanceNN, 8 of the first 199 bundled sample crystals
+  under the adaptive default), and the decoder still embeds many of them;
 - SLICES-PLUS (``symmetry=True``): after the edges, six-token groups (three rotation-row letters, three
   translation codes). The first group is the identity ``i u y 1s 1s 1s`` (spglib lists it first, and so
   does every encoded and published string); every rotation is an integer matrix of finite order
@@ -214,7 +218,8 @@ class SlicesGrammarLogitsProcessor(LogitsProcessor):
     Built from a ``SlicesPlusTokenizer`` (``tok.grammar_processor(**kwargs)``). ``symmetry`` defaults to
     the tokenizer's (``False``: plain SLICES, no symmetry groups); ``order`` is ``"canonical"`` for
     models trained on the tokenizer's own strings and ``"published"`` for the paper's files (see the module
-    docstring); ``max_length`` is the total sequence length passed to ``generate``.
+    docstring); ``periodic`` asks for a connected, 3-periodic graph (``False``: every node bonded);
+    ``max_length`` is the total sequence length passed to ``generate``.
     """
 
     def __init__(
@@ -443,6 +448,10 @@ class SlicesGrammarLogitsProcessor(LogitsProcessor):
         """Tokens that may follow the one chosen now."""
         return INF if self.max_length is None else self.max_length - length - 1
 
+    def _fits(self, left: int, edges: float, budget: float) -> bool:
+        """Whether ``left`` tokens of the current edge, ``edges`` more edges and the tail fit in ``budget``."""
+        return edges < INF and left + 5 * edges + self._tail <= budget
+
     def allowed_tokens(self, row: _Row, length: int) -> list[int]:
         """Token ids that may come next for ``row`` at sequence length ``length``."""
         budget = self._budget(length)
@@ -453,9 +462,9 @@ class SlicesGrammarLogitsProcessor(LogitsProcessor):
         allowed: list[int] = []
         slot = len(row.partial)
         if slot == 0:
-            if row.phase in (Phase.START, Phase.NODES) and row.num_nodes < self.max_nodes:
-                if 5 * self._nodes_need(row.num_nodes + 1) + self._tail <= budget:
-                    allowed += self._element_tokens(row)
+            if (row.phase in (Phase.START, Phase.NODES) and row.num_nodes < self.max_nodes
+                    and self._fits(0, self._nodes_need(row.num_nodes + 1), budget)):
+                allowed += self._element_tokens(row)
             if row.complete(self.periodic):
                 if self.symmetry:
                     if len(IDENTITY_TOKENS) <= budget:
@@ -463,22 +472,21 @@ class SlicesGrammarLogitsProcessor(LogitsProcessor):
                 else:
                     allowed.append(self.eos_id)
             if row.num_nodes:
-                allowed += [self.index_ids[i] for i, need in self._i_needs(row).items()
-                            if 4 + 5 * need + self._tail <= budget]
+                allowed += [self.index_ids[i] for i, need in self._i_needs(row).items() if self._fits(4, need, budget)]
             return allowed
         if slot == 1:
             i = row.partial[0]
             lowest_max = row.lowest_max()
-            return [self.index_ids[j] for j in range(i, row.num_nodes)
-                    if self._pair_open(row, i, j) and 3 + 5 * self._pair_need(row, i, j, lowest_max) + self._tail <= budget]
+            return [
+                self.index_ids[j] for j in range(i, row.num_nodes)
+                if self._pair_open(row, i, j) and self._fits(3, self._pair_need(row, i, j, lowest_max), budget)
+            ]
         if row.v_options is None:
             i, j = row.partial[:2]
             lowest_max = row.lowest_max()
             row.v_options = [(v, self._need_after(row, i, j, v, lowest_max)) for v in self._offsets(row, i, j)]
         prefix = tuple(row.partial[2:])
-        left = 4 - slot
-        labels = {v[slot - 2] for v, need in row.v_options
-                  if v[:slot - 2] == prefix and left + 5 * need + self._tail <= budget}
+        labels = {v[slot - 2] for v, need in row.v_options if v[:slot - 2] == prefix and self._fits(4 - slot, need, budget)}
         return [self.label_ids[x] for x in sorted(labels)]
 
     def _element_tokens(self, row: _Row) -> list[int]:
@@ -511,7 +519,8 @@ class SlicesGrammarLogitsProcessor(LogitsProcessor):
         for index, row in enumerate(self._rows):
             allowed = self.allowed_tokens(row, length)
             if not allowed:
-                logger.warning("no completable continuation for sequence %d in phase %s; ending it", index, row.phase.value)
+                logger.warning("no completable continuation for sequence %d in phase %s; ending it",
+                               index, row.phase.value)
                 allowed = [self.eos_id]
             rows.extend([index] * len(allowed))
             columns.extend(allowed)

@@ -1,0 +1,213 @@
+"""Tests of the SLICES grammar LogitsProcessor: it admits real strings and only produces complete graphs."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import networkx as nx
+import pandas as pd
+import pytest
+import torch
+
+from crystal_tokenizers.slices import codec
+from crystal_tokenizers.slices.embedding import periodic_rank
+from crystal_tokenizers.slices.grammar import SlicesGrammarLogitsProcessor, independent, rotation_tables
+from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
+from modeling.configuration_mattergpt import MatterGPTConfig
+from modeling.modeling_mattergpt import MatterGPTForCausalLM
+from tests.conftest import shared_file
+from training.io import parse_cif
+
+SAMPLE_CSV = Path(__file__).resolve().parents[1] / "crystal_tokenizers" / "data" / "mp20_sample.csv"
+N_CRYSTALS = 200
+IDENTITY = ["i", "u", "y", "1s", "1s", "1s"]
+
+
+@pytest.fixture(scope="module")
+def plus() -> SlicesPlusTokenizer:
+    return SlicesPlusTokenizer()
+
+
+@pytest.fixture(scope="module")
+def plain() -> SlicesPlusTokenizer:
+    return SlicesPlusTokenizer(symmetry=False)
+
+
+@pytest.fixture(scope="module")
+def encoded(plus) -> dict[bool, list[str]]:
+    """Encoder output for the first ``N_CRYSTALS`` sample crystals: SLICES-PLUS and plain SLICES."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        structures = [parse_cif(cif) for cif in pd.read_csv(SAMPLE_CSV).cif[:N_CRYSTALS]]
+        texts = [t for t in plus.structures_to_strings(structures) if isinstance(t, str)]
+    # the plain tokenizer writes the same graph without the operations
+    plain_texts = [codec.format_record(codec.SlicesRecord(codec.parse_record(t).graph, ())) for t in texts]
+    return {True: texts, False: plain_texts}
+
+
+def _framed(tokenizer: SlicesPlusTokenizer, texts: list[str], eos: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """``<bos> text [<eos>]`` ids, left-padded as a batch of prompts would be; the column of each ``<bos>``."""
+    rows = [[tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(tokenizer.tokenize(t))] for t in texts]
+    rows = [row + [tokenizer.eos_token_id] * eos for row in rows]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row)
+    return ids, [width - len(row) for row in rows]
+
+
+def _rejected(tokenizer: SlicesPlusTokenizer, texts: list[str], **kwargs) -> list[tuple[int, int, str]]:
+    """(row, position after ``<bos>``, token) of every true next token the grammar would mask."""
+    ids, starts = _framed(tokenizer, texts)
+    processor = tokenizer.grammar_processor(**kwargs)
+    rejected = []
+    for column in range(1, ids.shape[1]):
+        scores = processor(ids[:, :column], torch.zeros(len(texts), len(tokenizer)))
+        allowed = torch.isfinite(scores[torch.arange(len(texts)), ids[:, column]])
+        for row in torch.nonzero(~allowed).flatten().tolist():
+            if column > starts[row]:
+                rejected.append((row, column - starts[row], tokenizer.convert_ids_to_tokens(int(ids[row, column]))))
+    return rejected
+
+
+def _graph_complete(graph) -> bool:
+    """Connected and 3-periodic, judged independently of the processor (networkx, ``periodic_rank``)."""
+    plain_graph = nx.MultiGraph()
+    plain_graph.add_nodes_from(range(graph.num_nodes))
+    plain_graph.add_edges_from((i, j) for i, j, *_ in graph.edges)
+    return nx.is_connected(plain_graph) and periodic_rank(graph) == 3
+
+
+@pytest.mark.parametrize("symmetry", [True, False], ids=["slices-plus", "slices"])
+def test_grammar_admits_every_encoded_string(plus, plain, encoded, symmetry):
+    tokenizer, texts = (plus if symmetry else plain), encoded[symmetry]
+    assert len(texts) >= 190
+    assert _rejected(tokenizer, texts, periodic=False) == []
+    # periodic=True: exactly the strings whose graph is disconnected or not 3-periodic are stopped
+    incomplete = {row for row, text in enumerate(texts) if not _graph_complete(codec.parse_record(text).graph)}
+    assert len(incomplete) < 0.2 * len(texts)
+    assert {row for row, _, _ in _rejected(tokenizer, texts)} == incomplete
+
+
+def test_grammar_admits_published_strings(plain):
+    table = pd.read_csv(shared_file("slices_plus_paper/crystal_system.csv"))
+    texts = table.slices[:160].tolist()
+    assert _rejected(plain, texts, order="published", periodic=False, duplicate_edges=True) == []
+    # without duplicate_edges, exactly the strings that repeat an edge are stopped (at the repeat)
+    repeats = []
+    for text in texts:
+        words = text.split()
+        first = next(i for i, w in enumerate(words) if w.isdigit())
+        edges = [tuple(words[k:k + 5]) for k in range(first, len(words), 5)]
+        repeats.append(len(set(edges)) < len(edges))
+    rows = {row for row, _, _ in _rejected(plain, texts, order="published", periodic=False)}
+    assert rows == {r for r, repeat in enumerate(repeats) if repeat} and rows
+
+
+def test_grammar_admits_published_plus_strings(plus):
+    table = pd.read_csv(shared_file("slices_plus_paper/formation_energy.csv"))
+    assert _rejected(plus, table.slices_plus[:60].tolist(), order="published") == []
+
+
+def _random_logit_samples(tokenizer, n, max_length, seed, **kwargs) -> list[str]:
+    """``n`` sequences sampled from random logits through the processor (no model)."""
+    generator = torch.Generator().manual_seed(seed)
+    processor = tokenizer.grammar_processor(max_length=max_length, **kwargs)
+    ids = torch.full((n, 1), tokenizer.bos_token_id)
+    while ids.shape[1] < max_length and not (ids == tokenizer.eos_token_id).any(dim=1).all():
+        scores = processor(ids, 2 * torch.randn(n, len(tokenizer), generator=generator))
+        ids = torch.cat([ids, torch.multinomial(scores.softmax(-1), 1, generator=generator)], dim=1)
+    assert (ids == tokenizer.eos_token_id).any(dim=1).all()  # every sequence closed within max_length
+    return [tokenizer.ids_to_text(row) for row in ids.tolist()]
+
+
+@pytest.mark.parametrize("symmetry", [True, False], ids=["slices-plus", "slices"])
+@pytest.mark.parametrize("order", ["canonical", "published"])
+def test_random_logit_samples_parse_into_complete_graphs(plus, plain, symmetry, order):
+    tokenizer = plus if symmetry else plain
+    texts = _random_logit_samples(tokenizer, 50, 120, seed=3, max_nodes=8, order=order)
+    rotations = rotation_tables()[2]
+    for text in texts:
+        record = tokenizer.string_to_record(text)
+        assert _graph_complete(record.graph), text
+        assert 1 <= record.graph.num_nodes <= 8
+        words = text.split()
+        edges = words[record.graph.num_nodes: len(words) - 6 * len(record.symops)]
+        assert len(edges) == 5 * len(record.graph.edges)  # canonical orientation, no duplicate
+        if order == "canonical":
+            assert text == codec.format_record(record)  # exactly the encoder's form
+        if symmetry:
+            ops = words[len(words) - 6 * len(record.symops):]
+            assert ops[:6] == IDENTITY and len(ops) == 6 * len(set(zip(*[iter(ops)] * 6)))
+            assert all(tuple(ops[k:k + 3]) in rotations for k in range(0, len(ops), 6))
+        else:
+            assert record.symops == ()
+
+
+def test_tight_budget_forces_completion(plus):
+    # the shortest SLICES-PLUS string: one node, three loops, the identity, <eos> after <bos>: 24 tokens
+    texts = _random_logit_samples(plus, 40, 24, seed=0)
+    assert all(len(t.split()) == 22 and _graph_complete(codec.parse_record(t).graph) for t in texts)
+
+
+def test_eos_waits_for_every_node_and_a_3_periodic_net(plain):
+    processor = plain.grammar_processor()
+    eos = plain.eos_token_id
+
+    def eos_allowed(text: str, **kwargs) -> bool:
+        ids, _ = _framed(plain, [text])
+        return math.isfinite(float(plain.grammar_processor(**kwargs)(ids[:, :-1], torch.zeros(1, len(plain)))[0, eos]))
+
+    assert not eos_allowed("Na Cl 0 0 + o o 0 0 o + o 0 0 o o +")  # Cl has no bond
+    assert not eos_allowed("Na Cl 0 0 + o o 0 0 o + o 0 0 o o +", periodic=False)
+    assert not eos_allowed("Na Cl 0 1 o o o 0 1 + o o 0 1 o + o")  # rank 2: a layer
+    assert eos_allowed("Na Cl 0 1 o o o 0 1 + o o 0 1 o + o", periodic=False)
+    assert eos_allowed("Na Cl 0 1 o o o 0 1 + o o 0 1 o + o 0 1 o o +")
+    ids, _ = _framed(plain, ["Na Cl 0 1 o o o"])
+    scores = processor(ids[:, :-1], torch.zeros(1, len(plain)))[0]
+    allowed = {plain.convert_ids_to_tokens(i) for i in torch.nonzero(torch.isfinite(scores)).flatten().tolist()}
+    assert allowed == {"0", "1"}  # next edge: no element, label or end
+    # edges never go back to a lower first node: an edge starting at 2 would strand the component {0, 1}
+    ids, _ = _framed(plain, ["Na Cl K 0 1 o o o"])
+    scores = plain.grammar_processor()(ids[:, :-1], torch.zeros(1, len(plain)))[0]
+    allowed = {plain.convert_ids_to_tokens(i) for i in torch.nonzero(torch.isfinite(scores)).flatten().tolist()}
+    assert allowed == {"0", "1"}
+
+
+def test_cycle_rank_helper_is_exact():
+    assert independent([], (0, 0, 1)) and not independent([], (0, 0, 0))
+    assert not independent([(1, 0, 0)], (-2, 0, 0)) and independent([(1, 0, 0)], (1, 1, 0))
+    assert not independent([(1, 0, 0), (0, 1, 0)], (3, -1, 0)) and independent([(1, 0, 0), (0, 1, 0)], (0, 1, 1))
+    first_rows, _, rotations = rotation_tables()
+    assert isinstance(SlicesPlusTokenizer().grammar_processor(), SlicesGrammarLogitsProcessor)
+    assert "i" in first_rows and "c" in first_rows  # c = [1, 1, 0] starts e.g. [[1,1,0],[0,-1,0],[0,0,1]]
+    assert ("i", "u", "y") in rotations and ("r", "x", "z") in rotations  # identity and inversion
+    assert ("i", "i", "y") not in rotations  # singular
+    assert ("c", "u", "y") not in rotations  # shear [[1,1,0],[0,1,0],[0,0,1]]: det 1, infinite order
+
+
+def test_model_generate_with_padding_and_return_sequences(plus):
+    torch.manual_seed(0)
+    config = MatterGPTConfig(
+        vocab_size=len(plus), n_positions=160, n_embd=32, n_layer=1, n_head=2, n_inner=64,
+        property_names=("formation_energy_per_atom",), property_means=(0.0,), property_stds=(1.0,),
+        bos_token_id=plus.bos_token_id, eos_token_id=plus.eos_token_id, pad_token_id=plus.pad_token_id,
+    )
+    model = MatterGPTForCausalLM(config).eval()
+    prompts = ["", "Na", "Na Cl 0 1"]
+    ids, _ = _framed(plus, prompts, eos=False)
+    out = model.generate(
+        ids, attention_mask=(ids != plus.pad_token_id).long(), do_sample=True, top_k=50, max_length=150,
+        num_return_sequences=4, crystal_system=torch.tensor([0, 1, 2]),
+        properties=torch.tensor([[0.0], [-1.0], [-2.0]]),
+        logits_processor=[plus.grammar_processor(max_length=150, max_nodes=6)],
+        pad_token_id=plus.pad_token_id, eos_token_id=plus.eos_token_id,
+    )
+    texts = [plus.ids_to_text(row) for row in out.tolist()]
+    assert len(texts) == 12
+    for k, text in enumerate(texts):
+        record = plus.string_to_record(text)
+        assert _graph_complete(record.graph) and record.symops[0].tokens() == tuple(IDENTITY)
+        assert text.startswith(prompts[k // 4])
