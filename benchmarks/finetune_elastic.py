@@ -15,12 +15,14 @@ and at most ``--max-len`` tokens are kept. A hash of the string splits them into
    ``--samples`` strings are drawn, decoded (plain-SLICES decoder), labelled by spglib (symprec 0.1) and
    the decoded structures, re-encoded, are judged (and, as a token-level check of the conditioning,
    every sampled string as it is). The same judging of real judge-part strings is the
-   reference (what the decoder and spglib give for true cubic crystals).
+   reference (what the decoder and spglib give for true cubic crystals). Sampling goes through the SLICES
+   grammar ``LogitsProcessor`` (``--grammar off`` / ``--no-grammar``: without it; ``both``: each target twice).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/finetune_elastic.py --pretrain-steps 300 --finetune-steps 150
 """
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -135,14 +137,20 @@ def train_judge(judge: pd.DataFrame, tokenizer: SlicesPlusTokenizer, budget_s: f
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, tokenizer: SlicesPlusTokenizer, n: int, max_len: int,
-           targets: dict[str, float] | None, batch_size: int = 50) -> list[str]:
-    """``n`` strings (temperature 1, top-k 50); ``targets`` in GPa, ``None`` = unconditioned."""
+           targets: dict[str, float] | None, batch_size: int = 50, grammar: bool = True) -> list[str]:
+    """``n`` strings (temperature 1, top-k 50); ``targets`` in GPa, ``None`` = unconditioned.
+
+    ``grammar``: through the SLICES grammar ``LogitsProcessor`` in the published files' edge order (the
+    order of the training strings), so that every string parses into a connected 3-periodic graph.
+    """
     texts = []
     for start in range(0, n, batch_size):
         size = min(batch_size, n - start)
         kwargs = {}
         if targets is not None:
             kwargs["properties"], kwargs["property_mask"] = condition_tensors(model.config, targets, size)
+        if grammar:
+            kwargs["logits_processor"] = [tokenizer.grammar_processor(order="published", max_length=max_len)]
         out = model.generate(
             torch.full((size, 1), tokenizer.bos_token_id), attention_mask=torch.ones(size, 1, dtype=torch.long),
             do_sample=True, temperature=1.0, top_k=50, max_new_tokens=max_len - 1,
@@ -196,6 +204,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--decode-time-limit-s", type=float, default=2.0)
     parser.add_argument("--reuse", action="store_true", help="reuse the saved base and adapter (skip 1-2)")
+    parser.add_argument("--grammar", choices=("on", "off", "both"), default="on",
+                        help="sample through the SLICES grammar LogitsProcessor, without it, or both (same judge)")
+    parser.add_argument("--no-grammar", dest="grammar", action="store_const", const="off", help="= --grammar off")
+    parser.add_argument("--results-name", default="results", help="name of the results JSON in the output folder")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -205,7 +217,8 @@ def main() -> None:
     rows = load_rows(args.max_len, tokenizer, args.judge_fraction)
     generator, judge_part = rows[rows.part == "generator"], rows[rows.part == "judge"]
     log(f"rows kept {len(rows)}: generator {len(generator)}, judge {len(judge_part)}")
-    results = {"rows_kept": len(rows), "generator_rows": len(generator), "judge_rows": len(judge_part),
+    results = {"grammar": args.grammar,
+               "rows_kept": len(rows), "generator_rows": len(generator), "judge_rows": len(judge_part),
                "max_len": args.max_len, "model_size": MODEL_SIZE, "shots": args.shots,
                "generator_median_K_G_gpa": [float(generator[p].median()) for p in PROPERTIES], "wall_s": {}}
 
@@ -244,12 +257,14 @@ def main() -> None:
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     results["targets"]["real strings (judge part)"] = report
     log(f"reference: {report}")
-    for name, generator_model, targets in [
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.grammar]
+    for grammar, (name, generator_model, targets) in itertools.product(modes, [
         ("base, unconditioned", base, None),
         *[(f"K={k:g}, G={g:g}", model, dict(zip(PROPERTIES, (k, g)))) for k, g in TARGETS],
-    ]:
+    ]):
+        name = name if grammar or args.grammar == "off" else f"{name}, no grammar"
         t0 = time.perf_counter()
-        texts = sample(generator_model, tokenizer, args.samples, args.max_len, targets)
+        texts = sample(generator_model, tokenizer, args.samples, args.max_len, targets, grammar=grammar)
         report = judge_samples(texts, tokenizer, (judge_model, mean, std), args.max_len)
         report["wall_s"] = round(time.perf_counter() - t0, 1)
         results["targets"][name] = report
@@ -258,10 +273,10 @@ def main() -> None:
     results["wall_s"]["total"] = round(time.perf_counter() - started, 1)
     results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-    (OUT_DIR / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"{'condition':<27}{'decoded':>9}{'cubic|dec':>11}{'judged':>8}{'med K':>8}{'med G':>8}")
+    (OUT_DIR / f"{args.results_name}.json").write_text(json.dumps(results, indent=1))
+    print(f"{'condition':<39}{'decoded':>9}{'cubic|dec':>11}{'judged':>8}{'med K':>8}{'med G':>8}")
     for name, r in results["targets"].items():
-        print(f"{name:<27}{r['decoded_share']:>9}{r['cubic_share_of_decoded']!s:>11}{r['judged']:>8}"
+        print(f"{name:<39}{r['decoded_share']:>9}{r['cubic_share_of_decoded']!s:>11}{r['judged']:>8}"
               f"{r['median_predicted_K_gpa']!s:>8}{r['median_predicted_G_gpa']!s:>8}")
     print(json.dumps(results))
 

@@ -10,7 +10,8 @@ strings (``slices_plus_paper/crystal_system.csv``) with a hash split (see ``hash
 (eV/atom) is trained on the generator part of (MP-20 sample + ``slices_plus_paper/formation_energy.csv``);
 a formation-energy regressor is trained on the disjoint predictor part. Then 100 samples per crystal
 system and 100 per formation-energy target are drawn, decoded with the SLICES-PLUS decoder and judged
-(spglib crystal system at symprec 0.1; regressor on the re-encoded decoded structure).
+(spglib crystal system at symprec 0.1; regressor on the re-encoded decoded structure). Sampling goes
+through the SLICES grammar ``LogitsProcessor`` unless ``--no-grammar`` is given.
 
 Both use a minimal AdamW loop (warm-up then constant learning rate, wall-clock budget) in this file.
 
@@ -387,10 +388,12 @@ def train_predictor(
 def sample_texts(
     model: MatterGPTForCausalLM, tokenizer: SlicesPlusTokenizer, n: int, max_new_tokens: int,
     crystal_system: int | None = None, formation_energy: float | None = None, temperature: float = 1.0,
-    top_k: int = 50, batch_size: int = 50,
+    top_k: int = 50, batch_size: int = 50, grammar: bool = True,
 ) -> list[str]:
     """``n`` sampled strings under the given conditions (``None`` = unconditioned).
 
+    ``grammar`` masks, at every step, the tokens after which no parsable string with a connected
+    3-periodic graph could follow (``tokenizer.grammar_processor``, canonical order as the encoder writes).
     A sequence holding ``<unk>``/``<mask>`` is returned as ``""`` (it cannot decode).
     """
     texts = []
@@ -401,6 +404,8 @@ def sample_texts(
             kwargs["crystal_system"] = torch.full((size,), crystal_system)
         if formation_energy is not None:
             kwargs["properties"] = torch.full((size, 1), formation_energy)
+        if grammar:
+            kwargs["logits_processor"] = [tokenizer.grammar_processor(max_length=1 + max_new_tokens)]
         out = model.generate(
             torch.full((size, 1), tokenizer.bos_token_id), attention_mask=torch.ones(size, 1, dtype=torch.long),
             do_sample=True, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
@@ -441,7 +446,7 @@ def generate(args: argparse.Namespace) -> dict:
     generator_part, predictor_part = pool[pool.part == "generator"], pool[pool.part == "predictor"]
     log(f"pool {len(pool)}: generator {len(generator_part)}, predictor {len(predictor_part)}")
     predictor_train, predictor_val, mean, std = predictor_split(predictor_part)
-    sampling = {"temperature": args.temperature, "top_k": args.top_k}
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "grammar": args.grammar}
     results = {"pool": len(pool), "generator_strings": len(generator_part), "predictor_strings": len(predictor_part),
                "max_len": args.max_len, "sampling": sampling}
     if args.reuse:
@@ -477,6 +482,7 @@ def generate(args: argparse.Namespace) -> dict:
             "target_hit_share_of_decoded": (sum(r["crystal_system"] == system for r in decoded) / len(decoded)
                                             if decoded else None),
             "errors": pd.Series([r["error"] for r in records if r["error"]], dtype=object).value_counts().to_dict(),
+            "median_tokens": int(np.median([len(t.split()) for t in texts])),
             "wall_s": round(time.perf_counter() - start, 1),
         }
         log(f"{CRYSTAL_SYSTEMS[system]}: {results['crystal_system_targets'][CRYSTAL_SYSTEMS[system]]}")
@@ -514,6 +520,8 @@ def main() -> None:
     gen.add_argument("--run-name", default="generate", help="name of the results JSON")
     gen.add_argument("--decode-time-limit-s", type=float, default=2.0, help="decoder time box per string")
     gen.add_argument("--ef-targets", type=float, nargs="+", default=[-0.5, -2.5], help="eV/atom")
+    gen.add_argument("--no-grammar", dest="grammar", action="store_false",
+                     help="sample without the SLICES grammar LogitsProcessor (the earlier runs)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
