@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test test-fast clean
 
-$(STAMP): pyproject.toml constraints-cpu.txt
+$(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# constraints-cpu.txt pins torch==2.13.0 (the CPU wheel) so no CUDA build is pulled.
-	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[test]"
+	# constraints-cpu.txt pins torch==2.13.0 (the CPU wheel) so no CUDA build is pulled; the mlip extra
+	# (CHGNet, weights inside its wheel) is installed so that its tests run too.
+	$(PY) -m pip install --quiet -c constraints-cpu.txt -e ".[test,mlip]"
 	touch $(STAMP)
 
 venv: $(STAMP)

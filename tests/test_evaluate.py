@@ -215,7 +215,6 @@ def test_energy_metrics_with_an_energy_model() -> None:
 
 
 def test_chgnet_energy_of_rock_salt() -> None:
-    pytest.importorskip("chgnet", reason="the mlip extra (chgnet) is not installed")
     from training.evaluate import chgnet_energy_per_atom
 
     energy = chgnet_energy_per_atom([rock_salt()])

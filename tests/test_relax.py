@@ -45,7 +45,6 @@ def test_round_trip_applies_refine_to_every_decode(rocksalt):
 
 
 def test_chgnet_relaxation_keeps_rocksalt(rocksalt):
-    pytest.importorskip("chgnet", reason="the mlip extra (chgnet) is not installed")
     from training.relax import chgnet_relaxer
 
     tokenizer = SlicesPlusTokenizer()

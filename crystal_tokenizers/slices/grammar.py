@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -48,13 +47,11 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
-import torch
-from transformers import LogitsProcessor
 
+from crystal_tokenizers.grammar import IncrementalGrammarProcessor
 from crystal_tokenizers.slices.codec import ELEMENT_SYMBOLS, OFFSET_LABELS, ROTATION_ROWS, TRANSLATION_CODES
-from crystal_tokenizers.slices.graph import _electronegativity_key
+from crystal_tokenizers.slices.graph import species_order_key
 
-logger = logging.getLogger(__name__)
 
 ORDERS = ("canonical", "published")
 """Edge orders: the tokenizer's sorted canonical form, or the looser order of the published files."""
@@ -119,12 +116,6 @@ def _completes_rank(basis: list[Offset], vectors: list[Offset]) -> bool:
         if independent(basis, w):
             basis.append(w)
     return len(basis) == 3
-
-
-@functools.cache
-def _species_key(symbol: str) -> tuple[float, int]:
-    """Sort key of a node species in the canonical order (electronegativity, then atomic number)."""
-    return _electronegativity_key(symbol)
 
 
 @functools.cache
@@ -212,7 +203,7 @@ class _Row:
         self.num_edges += 1
 
 
-class SlicesGrammarLogitsProcessor(LogitsProcessor):
+class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
     """Masks tokens that would make a SLICES / SLICES-PLUS sequence unparsable or its graph undecodable.
 
     Built from a ``SlicesPlusTokenizer`` (``tok.grammar_processor(**kwargs)``). ``symmetry`` defaults to
@@ -233,6 +224,7 @@ class SlicesGrammarLogitsProcessor(LogitsProcessor):
         duplicate_edges: bool = False,
         periodic: bool = True,
     ) -> None:
+        super().__init__()
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         vocab = tokenizer.get_vocab()
@@ -260,32 +252,16 @@ class SlicesGrammarLogitsProcessor(LogitsProcessor):
         self._row_id_set = frozenset(self.row_ids.values())
         self.code_ids = {code: vocab[code] for code in TRANSLATION_CODES}
         elements = [(symbol, vocab[symbol]) for symbol in ELEMENT_SYMBOLS if symbol in vocab]
-        self._element_key = {token_id: _species_key(symbol) for symbol, token_id in elements}
+        self._element_key = {token_id: species_order_key(symbol) for symbol, token_id in elements}
         by_key = sorted(self._element_key.items(), key=lambda item: item[1])
         self._sorted_element_ids = [token_id for token_id, _ in by_key]
         self._sorted_element_keys = [key for _, key in by_key]
         self._first_rows, self._row_pairs, self._rotations = rotation_tables()
         self._tail = (len(IDENTITY_TOKENS) if self.symmetry else 0) + 1  # identity group, <eos>
-        self._rows: list[_Row] = []
-        self._seen: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ state
-    def _sync(self, input_ids: torch.LongTensor) -> None:
-        """Advance the per-row states to ``input_ids`` (one new column), or restart on a new prompt."""
-        seen = self._seen
-        if seen is not None and seen.shape == input_ids.shape and torch.equal(seen, input_ids):
-            return
-        ids = input_ids.tolist()
-        if (seen is not None and seen.shape[0] == input_ids.shape[0] and seen.shape[1] + 1 == input_ids.shape[1]
-                and torch.equal(seen, input_ids[:, :-1])):
-            for row, sequence in zip(self._rows, ids):
-                self._advance(row, sequence[-1], len(sequence) - 1)
-        else:
-            self._rows = [_Row() for _ in ids]
-            for row, sequence in zip(self._rows, ids):
-                for column, token_id in enumerate(sequence):
-                    self._advance(row, token_id, column)
-        self._seen = input_ids.clone()
+    def _new_row(self) -> _Row:
+        return _Row()
 
     def _advance(self, row: _Row, token_id: int, column: int) -> None:
         """Consume one token (prompt or generated)."""
@@ -511,22 +487,6 @@ class SlicesGrammarLogitsProcessor(LogitsProcessor):
         limit = _TRANSLATION_LIMIT ** (5 - slot)  # groups that share this prefix at most
         return [self.code_ids[code] for code in TRANSLATION_CODES
                 if row.op_prefixes.get((*prefix, code), 0) < limit]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._sync(input_ids)
-        length = input_ids.shape[1]
-        rows, columns = [], []
-        for index, row in enumerate(self._rows):
-            allowed = self.allowed_tokens(row, length)
-            if not allowed:
-                logger.warning("no completable continuation for sequence %d in phase %s; ending it",
-                               index, row.phase.value)
-                allowed = [self.eos_id]
-            rows.extend([index] * len(allowed))
-            columns.extend(allowed)
-        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        mask[torch.tensor(rows, device=scores.device), torch.tensor(columns, device=scores.device)] = True
-        return scores.masked_fill(~mask, -math.inf)
 
 
 __all__ = [

@@ -21,6 +21,7 @@ SLICES encoder defaults to EconNN, which any tokenizer can use (``strategy="econ
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import warnings
@@ -198,7 +199,9 @@ def check_sliceable(graph: CrystalGraph, name: str = "structure") -> None:
         )
 
 
-def _electronegativity_key(symbol: str) -> tuple[float, int]:
+@functools.cache
+def species_order_key(symbol: str) -> tuple[float, int]:
+    """Sort key of a node species in the canonical order: Pauling electronegativity, then atomic number."""
     element = Element(symbol)
     with warnings.catch_warnings():  # pymatgen warns for noble gases
         warnings.simplefilter("ignore")
@@ -225,7 +228,7 @@ def canonical_order(graph: CrystalGraph, frac_coords: np.ndarray) -> list[int]:
     colours = wl_colours(graph)
     wrapped = np.round(np.mod(np.round(frac_coords, _COORD_DECIMALS), 1.0), _COORD_DECIMALS)
     keys = [
-        (*_electronegativity_key(graph.species[k]), colours[k], *map(float, wrapped[k]))
+        (*species_order_key(graph.species[k]), colours[k], *map(float, wrapped[k]))
         for k in range(graph.num_nodes)
     ]
     return sorted(range(graph.num_nodes), key=keys.__getitem__)

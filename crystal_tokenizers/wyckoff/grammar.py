@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor
 
+from crystal_tokenizers.grammar import IncrementalGrammarProcessor
 from crystal_tokenizers.wyckoff.codec import (
     COMPOSITION_MARK,
     ELEMENTS,
@@ -225,7 +225,7 @@ class _Row:
     value_columns: dict[tuple[str, int, str], int] = field(default_factory=dict)
 
 
-class WyckoffGrammarLogitsProcessor(LogitsProcessor):
+class WyckoffGrammarLogitsProcessor(IncrementalGrammarProcessor):
     """Masks tokens that would make a Wyckoff sequence undecodable (see the module docstring).
 
     Built from a ``WyckoffTokenizer`` (``tok.grammar_processor(**kwargs)``). ``max_length`` is the total
@@ -241,6 +241,7 @@ class WyckoffGrammarLogitsProcessor(LogitsProcessor):
         max_orbits: int = DEFAULT_MAX_ORBITS,
         max_length: int | None = None,
     ) -> None:
+        super().__init__()
         if max_atoms < 1 or max_orbits < 1:
             raise ValueError(f"max_atoms and max_orbits must be positive, got {max_atoms}, {max_orbits}")
         vocab = tokenizer.get_vocab()
@@ -260,26 +261,10 @@ class WyckoffGrammarLogitsProcessor(LogitsProcessor):
         self.label_ids = {name: vocab[name] for names in LATTICE_PARAMETERS.values() for name in names}
         self.label_ids.update({name: vocab[name] for name in ("x", "y", "z")})
         self._space_group_cache: dict[tuple[str, int], list[int]] = {}
-        self._rows: list[_Row] = []
-        self._seen: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ state
-    def _sync(self, input_ids: torch.LongTensor) -> None:
-        """Advance the per-row states to ``input_ids`` (one new column), or restart on a new prompt."""
-        seen = self._seen
-        if seen is not None and seen.shape == input_ids.shape and torch.equal(seen, input_ids):
-            return
-        ids = input_ids.tolist()
-        if (seen is not None and seen.shape[0] == input_ids.shape[0] and seen.shape[1] + 1 == input_ids.shape[1]
-                and torch.equal(seen, input_ids[:, :-1])):
-            for row, sequence in zip(self._rows, ids):
-                self._advance(row, sequence[-1], len(sequence) - 1)
-        else:
-            self._rows = [_Row() for _ in ids]
-            for row, sequence in zip(self._rows, ids):
-                for column, token_id in enumerate(sequence):
-                    self._advance(row, token_id, column)
-        self._seen = input_ids.clone()
+    def _new_row(self) -> _Row:
+        return _Row()
 
     def _advance(self, row: _Row, token_id: int, column: int) -> None:
         """Consume one token (prompt or generated) and move ``row`` to its next phase."""
@@ -462,21 +447,6 @@ class WyckoffGrammarLogitsProcessor(LogitsProcessor):
 
     def _wp_id(self, site: _Site) -> int:
         return self._vocab[site.position.token]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._sync(input_ids)
-        length = input_ids.shape[1]
-        rows, columns = [], []
-        for index, row in enumerate(self._rows):
-            allowed = self.allowed_tokens(row, length)
-            if not allowed:
-                logger.warning("no decodable continuation for sequence %d in phase %s; ending it", index, row.phase.value)
-                allowed = [self.eos_id]
-            rows.extend([index] * len(allowed))
-            columns.extend(allowed)
-        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        mask[torch.tensor(rows, device=scores.device), torch.tensor(columns, device=scores.device)] = True
-        return scores.masked_fill(~mask, -math.inf)
 
     # ------------------------------------------------------------------ values
     def process_numeric_values(
