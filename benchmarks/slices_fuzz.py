@@ -11,6 +11,7 @@ crashes (any other exception) and the slowest decode against the time box.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--time-limit", type=float, default=2.0, help="decode time box (s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", help="JSON file rewritten every 100 strings with the counts so far")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     rng = random.Random(args.seed)
@@ -78,7 +80,7 @@ def main() -> None:
         warnings.simplefilter("ignore")
         real = [t for t in tokenizer.structures_to_strings(Structure.from_str(c, fmt="cif") for c in cifs) if isinstance(t, str)]
     outcomes: Counter[str] = Counter()
-    slowest = 0.0
+    slowest, slowest_text = 0.0, ""
     crashes: list[str] = []
     start = time.perf_counter()
     for k in range(args.n):
@@ -93,7 +95,13 @@ def main() -> None:
         except Exception:  # a crash: anything outside the typed family
             outcomes["CRASH"] += 1
             crashes.append(f"{text[:200]!r}\n{traceback.format_exc(limit=3)}")
-        slowest = max(slowest, time.perf_counter() - begin)
+        if time.perf_counter() - begin > slowest:
+            slowest, slowest_text = time.perf_counter() - begin, text
+        if args.checkpoint and (k + 1) % 100 == 0:
+            with open(args.checkpoint, "w") as handle:
+                json.dump({"done": k + 1, "of": args.n, "seconds": round(time.perf_counter() - start, 1),
+                           "slowest_s": round(slowest, 2), "slowest_text": slowest_text, "outcomes": dict(outcomes), "crashes": crashes[:5]},
+                          handle, indent=1)
     total = time.perf_counter() - start
     print("| outcome | count |")
     print("|---|---|")

@@ -69,6 +69,7 @@ _IMAGES = np.array(list(product((-1, 0, 1), repeat=3)), dtype=float)  # 27 neigh
 _ZERO_IMAGE = 13  # index of (0, 0, 0) in _IMAGES
 _COLLISION = 1e-3  # fractional distance below which two barycentric nodes coincide
 _MIN_SEPARATION = 0.5  # Å, closest approach of two decoded atoms (the structural-validity bound)
+_MIN_VOLUME_PER_ATOM = 2.0  # Å^3; the densest real crystals have about 4 (BeO, diamond 5.7)
 _SEPARATION_STEPS = (0.02, 0.05, 0.1)  # fractional scales of the symmetric kicks that part coincident atoms
 _SMALLEST_ANGLE_DEG = {2: 120.0, 3: 120.0, 4: 109.47, 5: 90.0, 6: 90.0, 7: 72.0, 8: 70.53, 9: 66.0, 10: 64.0}
 """Smallest bond angle of the ideal coordination polyhedron by coordination number (60° beyond)."""
@@ -700,8 +701,11 @@ def embed(
         raise DecodeTimeoutError(f"embedding exceeded its time box of {params.time_limit_s} s") from None
     except np.linalg.LinAlgError as err:
         raise EmbeddingError(f"degenerate cell or placement: {err}") from err
-    if not (np.all(np.isfinite(lat)) and np.all(np.isfinite(frac))) or abs(np.linalg.det(lat)) < 1e-3:
-        raise EmbeddingError("optimisation collapsed the cell")
+    if not (np.all(np.isfinite(lat)) and np.all(np.isfinite(frac))):
+        raise EmbeddingError("optimisation diverged")
+    volume_per_atom = abs(np.linalg.det(lat)) / graph.num_nodes
+    if volume_per_atom < _MIN_VOLUME_PER_ATOM:
+        raise EmbeddingError(f"optimisation collapsed the cell ({volume_per_atom:.2f} Å^3 per atom)")
     closest = min_separation(frac, lat)
     if closest < _MIN_SEPARATION:
         raise EmbeddingError(f"two atoms end {closest:.2f} Å apart (below {_MIN_SEPARATION} Å)")
