@@ -11,9 +11,18 @@ import pandas as pd
 import pytest
 import torch
 
+import time
+
+from pymatgen.core import Lattice, Structure
+
 from crystal_tokenizers.slices import codec
-from crystal_tokenizers.slices.embedding import periodic_rank
-from crystal_tokenizers.slices.grammar import SlicesGrammarLogitsProcessor, independent, rotation_tables
+from crystal_tokenizers.slices.embedding import periodic_rank, symmetry_actions
+from crystal_tokenizers.slices.grammar import (
+    SlicesGrammarLogitsProcessor,
+    independent,
+    rotation_algebra,
+    rotation_tables,
+)
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
 from modeling.configuration_mattergpt import MatterGPTConfig
 from modeling.modeling_mattergpt import MatterGPTForCausalLM
@@ -84,11 +93,26 @@ def _graph_complete(graph) -> bool:
 def test_grammar_admits_every_encoded_string(plus, plain, encoded, symmetry):
     tokenizer, texts = (plus if symmetry else plain), encoded[symmetry]
     assert len(texts) >= 190
-    assert _rejected(tokenizer, texts, periodic=False) == []
+    assert _rejected(tokenizer, texts, periodic=False, symmetry_check="group") == []
     # periodic=True: exactly the strings whose graph is disconnected or not 3-periodic are stopped
     incomplete = {row for row, text in enumerate(texts) if not _graph_complete(codec.parse_record(text).graph)}
     assert len(incomplete) < 0.2 * len(texts)
-    assert {row for row, _, _ in _rejected(tokenizer, texts)} == incomplete
+    assert {row for row, _, _ in _rejected(tokenizer, texts, symmetry_check="group")} == incomplete
+
+
+def test_graph_check_stops_exactly_the_operations_the_decoder_drops(plus, encoded):
+    """``symmetry_check="graph"`` masks a true operation only where it is no automorphism of the string's
+    graph, which is where the decoder would leave it out (``symmetry_actions``)."""
+    texts = encoded[True]
+    dropped = set()
+    for row, text in enumerate(texts):
+        record = codec.parse_record(text)
+        if _graph_complete(record.graph):
+            kept, _ = symmetry_actions(record.graph, record.symops, time.monotonic() + 5.0, strict=False)
+            dropped |= {row} if len(kept) < len(record.symops) else set()
+    rejected = _rejected(plus, texts, periodic=False, symmetry_check="graph")
+    assert {row for row, _, _ in rejected} == dropped
+    assert len(dropped) < 0.02 * len(texts)
 
 
 def test_grammar_admits_published_strings(plain):
@@ -144,6 +168,67 @@ def test_random_logit_samples_parse_into_complete_graphs(plus, plain, symmetry, 
             assert all(tuple(ops[k:k + 3]) in rotations for k in range(0, len(ops), 6))
         else:
             assert record.symops == ()
+
+
+@pytest.fixture(scope="module")
+def rocksalt_graph_text(plus) -> str:
+    """The primitive rocksalt cell's SLICES-PLUS string without its operations (48 of them)."""
+    structure = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5] * 3])
+    record = codec.parse_record(plus.structure_to_string(structure.get_primitive_structure()))
+    assert len(record.symops) == 48
+    return codec.format_record(codec.SlicesRecord(record.graph, ()))
+
+
+def _sample_operations(plus, prompt: str, n: int, seed: int, **kwargs) -> list[codec.SlicesRecord]:
+    """Random-logit samples of the symmetry part after a fixed graph ``prompt``."""
+    generator = torch.Generator().manual_seed(seed)
+    ids, _ = _framed(plus, [prompt] * n, eos=False)
+    max_length = ids.shape[1] + 6 * 48 + 1
+    processor = plus.grammar_processor(max_length=max_length, **kwargs)
+    while ids.shape[1] < max_length and not (ids == plus.eos_token_id).any(dim=1).all():
+        scores = processor(ids, 2 * torch.randn(n, len(plus), generator=generator))
+        ids = torch.cat([ids, torch.multinomial(scores.softmax(-1), 1, generator=generator)], dim=1)
+    return [plus.string_to_record(plus.ids_to_text(row)) for row in ids.tolist()]
+
+
+@pytest.mark.parametrize("check", ["group", "graph"])
+def test_sampled_operations_close_into_a_point_group(plus, rocksalt_graph_text, check):
+    algebra = rotation_algebra()
+    orders = []
+    for record in _sample_operations(plus, rocksalt_graph_text, 30, seed=1, symmetry_check=check):
+        rotations = frozenset(algebra.number[op.tokens()[:3]] for op in record.symops)
+        assert algebra.closure(rotations) == rotations  # closed under products
+        if check == "graph":  # every operation acts on rocksalt's graph: the decoder keeps them all
+            kept, _ = symmetry_actions(record.graph, record.symops, time.monotonic() + 5.0, strict=False)
+            assert len(kept) == len(record.symops)
+        orders.append(len(rotations))
+    assert max(orders) > 2  # the grammar does not just close every part at the identity
+
+
+def test_eos_waits_for_the_group_to_close(plus, rocksalt_graph_text):
+    eos = plus.eos_token_id
+
+    def eos_allowed(operations: str) -> bool:
+        ids, _ = _framed(plus, [f"{rocksalt_graph_text} {operations}"])
+        scores = plus.grammar_processor(symmetry_check="group")(ids[:, :-1], torch.zeros(1, len(plus)))
+        return math.isfinite(float(scores[0, eos]))
+
+    identity = "i u y 1s 1s 1s"
+    assert eos_allowed(identity)
+    assert not eos_allowed(f"{identity} x i y 1s 1s 1s")  # a 4-fold rotation alone
+    assert eos_allowed(f"{identity} x i y 1s 1s 1s r x y 1s 1s 1s u r y 1s 1s 1s")  # the cyclic group of order 4
+    assert eos_allowed(f"{identity} r x z 1s 1s 1s")  # inversion: order 2
+
+
+def test_rotation_algebra_multiplies_and_closes():
+    algebra = rotation_algebra()
+    assert len(algebra.triples) == len(rotation_tables()[2])
+    four_fold = algebra.number[("x", "i", "y")]
+    assert algebra.triples[algebra.product[four_fold, four_fold]] == ("r", "x", "y")  # two quarter turns
+    assert len(algebra.closure(frozenset({four_fold}))) == 4
+    three_fold = algebra.number[("x", "f", "y")]  # hexagonal axes
+    assert len(algebra.closure(frozenset({three_fold}))) == 3
+    assert algebra.closure(frozenset({three_fold, four_fold})) is None  # no finite group holds both
 
 
 def test_tight_budget_forces_completion(plus):

@@ -497,6 +497,45 @@ def _automorphism(graph: CrystalGraph, rotation: np.ndarray, deadline: float) ->
     return [sigma[k] for k in range(n)], np.array([shift[k] for k in range(n)])
 
 
+def _placement_admits(graph: CrystalGraph, rotation: np.ndarray, placement: np.ndarray) -> bool:
+    """Whether some ``x -> R x + tau`` maps the placed nodes onto placed nodes of the same species.
+
+    Necessary for an automorphism with linear part ``R`` even when the placement puts several nodes on
+    one point (equivariance still holds; only the node permutation is then ambiguous).
+    """
+    species = np.array(graph.species)
+    mapped = placement @ rotation.T
+    different = species[:, None] != species[None, :]
+    for m in np.flatnonzero(species == species[0]):
+        diff = mapped + (placement[m] - mapped[0]) - placement[:, None, :]  # [j, i]: moved i vs placed j
+        dist = np.linalg.norm(diff - np.round(diff), axis=-1)
+        dist[different] = np.inf
+        if np.max(np.min(dist, axis=0)) < 1e-6:
+            return True
+    return False
+
+
+def graph_automorphism_rotations(
+    graph: CrystalGraph, rotations: np.ndarray, time_limit_s: float = _SYMMETRY_SEARCH_S
+) -> np.ndarray:
+    """Which of ``rotations`` (n, 3, 3) are linear parts of automorphisms of the labelled graph (bool, n).
+
+    Exact from the barycentric placement when it puts no two nodes on one point (it is then
+    equivariant). Otherwise the rotations that map the placed points onto themselves are searched by
+    backtracking until ``time_limit_s`` runs out; those left unsearched count as no automorphism.
+    """
+    placement = barycentric_placement(graph)
+    found = np.array([_automorphism_from_placement(graph, r, placement) is not None for r in rotations], dtype=bool)
+    if has_collision(placement):
+        deadline = time.monotonic() + time_limit_s
+        for k in np.flatnonzero(~found):
+            if time.monotonic() > deadline:
+                break
+            if _placement_admits(graph, rotations[k], placement):
+                found[k] = _automorphism(graph, rotations[k], deadline) is not None
+    return found
+
+
 def _bfs_order(incident: list[list[tuple[int, np.ndarray]]], n: int) -> list[tuple[int, int | None, np.ndarray]]:
     """Nodes in breadth-first order with the parent and the offset of the edge parent -> node."""
     seen: set[int] = set()
