@@ -33,11 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import spglib
 import torch
 from pymatgen.core import Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from crystal_tokenizers import CRYSTAL_SYSTEMS, CrystalError, crystal_system
+from crystal_tokenizers.slices.grammar import SYMMETRY_CHECKS
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
 from modeling.configuration_mattergpt import MatterGPTConfig
 from modeling.modeling_mattergpt import MatterGPTForCausalLM, MatterGPTForSequenceClassification
@@ -388,12 +390,13 @@ def train_predictor(
 def sample_texts(
     model: MatterGPTForCausalLM, tokenizer: SlicesPlusTokenizer, n: int, max_new_tokens: int,
     crystal_system: int | None = None, formation_energy: float | None = None, temperature: float = 1.0,
-    top_k: int = 50, batch_size: int = 50, grammar: bool = True,
+    top_k: int = 50, batch_size: int = 50, grammar: bool = True, symmetry_check: str = "graph",
 ) -> list[str]:
     """``n`` sampled strings under the given conditions (``None`` = unconditioned).
 
     ``grammar`` masks, at every step, the tokens after which no parsable string with a connected
-    3-periodic graph could follow (``tokenizer.grammar_processor``, canonical order as the encoder writes).
+    3-periodic graph could follow (``tokenizer.grammar_processor``, canonical order as the encoder writes);
+    ``symmetry_check`` is the processor's (``"graph"``: the operations form a point group of graph automorphisms).
     A sequence holding ``<unk>``/``<mask>`` is returned as ``""`` (it cannot decode).
     """
     texts = []
@@ -405,7 +408,8 @@ def sample_texts(
         if formation_energy is not None:
             kwargs["properties"] = torch.full((size, 1), formation_energy)
         if grammar:
-            kwargs["logits_processor"] = [tokenizer.grammar_processor(max_length=1 + max_new_tokens)]
+            kwargs["logits_processor"] = [tokenizer.grammar_processor(max_length=1 + max_new_tokens,
+                                                                      symmetry_check=symmetry_check)]
         out = model.generate(
             torch.full((size, 1), tokenizer.bos_token_id), attention_mask=torch.ones(size, 1, dtype=torch.long),
             do_sample=True, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
@@ -422,11 +426,33 @@ def _text_or_empty(tokenizer: SlicesPlusTokenizer, ids: list[int]) -> str:
         return ""
 
 
+POINT_GROUP_SYSTEMS = (6, 6, 5, 5, 5, 4, 4, 4, *[3] * 7, *[2] * 5, *[1] * 7, *[0] * 5)
+"""Crystal system (index into CRYSTAL_SYSTEMS) of each of spglib's point groups 1-32."""
+
+
+def written_symmetry(text: str, tokenizer: SlicesPlusTokenizer) -> tuple[int | None, int]:
+    """Crystal system of the point group of the rotations a string writes (spglib; None if they form
+    none) and the number of operations written."""
+    try:
+        symops = tokenizer.string_to_record(text).symops
+    except CrystalError:
+        return None, 0
+    rotations = np.array([op.matrices()[0] for op in symops])
+    try:
+        number = spglib.get_pointgroup(rotations)[1] if len(rotations) else 0
+    except (TypeError, ValueError):
+        number = 0
+    return (POINT_GROUP_SYSTEMS[number - 1] if number else None), len(symops)
+
+
 def judge(texts: Sequence[str], tokenizer: SlicesPlusTokenizer) -> list[dict]:
-    """Decode each string (SLICES-PLUS decoder); crystal system by spglib (symprec 0.1); re-encoded text."""
+    """Decode each string (SLICES-PLUS decoder); crystal system by spglib (symprec 0.1); re-encoded text;
+    crystal system of the written operations and their number."""
     records = []
     for text in texts:
-        record = {"decoded": False, "crystal_system": None, "reencoded": None, "error": None}
+        written_system, operations = written_symmetry(text, tokenizer)
+        record = {"decoded": False, "crystal_system": None, "reencoded": None, "error": None,
+                  "written_system": written_system, "operations": operations}
         try:
             structure = tokenizer.string_to_structure(text)
             record["decoded"] = True
@@ -446,7 +472,8 @@ def generate(args: argparse.Namespace) -> dict:
     generator_part, predictor_part = pool[pool.part == "generator"], pool[pool.part == "predictor"]
     log(f"pool {len(pool)}: generator {len(generator_part)}, predictor {len(predictor_part)}")
     predictor_train, predictor_val, mean, std = predictor_split(predictor_part)
-    sampling = {"temperature": args.temperature, "top_k": args.top_k, "grammar": args.grammar}
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "grammar": args.grammar,
+                "symmetry_check": args.symmetry_check}
     results = {"pool": len(pool), "generator_strings": len(generator_part), "predictor_strings": len(predictor_part),
                "max_len": args.max_len, "sampling": sampling}
     if args.reuse:
@@ -481,6 +508,10 @@ def generate(args: argparse.Namespace) -> dict:
             "target_hit_share": sum(r["crystal_system"] == system for r in records) / len(records),
             "target_hit_share_of_decoded": (sum(r["crystal_system"] == system for r in decoded) / len(decoded)
                                             if decoded else None),
+            "written_system_hit_share": sum(r["written_system"] == system for r in records) / len(records),
+            "written_systems": pd.Series([CRYSTAL_SYSTEMS[r["written_system"]] for r in records
+                                          if r["written_system"] is not None], dtype=object).value_counts().to_dict(),
+            "median_operations": int(np.median([r["operations"] for r in records])),
             "errors": pd.Series([r["error"] for r in records if r["error"]], dtype=object).value_counts().to_dict(),
             "median_tokens": int(np.median([len(t.split()) for t in texts])),
             "wall_s": round(time.perf_counter() - start, 1),
@@ -522,6 +553,9 @@ def main() -> None:
     gen.add_argument("--ef-targets", type=float, nargs="+", default=[-0.5, -2.5], help="eV/atom")
     gen.add_argument("--no-grammar", dest="grammar", action="store_false",
                      help="sample without the SLICES grammar LogitsProcessor (the earlier runs)")
+    gen.add_argument("--symmetry-check", choices=SYMMETRY_CHECKS, default="graph",
+                     help="grammar check of the symmetry part (none: per operation; group: closed point group; "
+                          "graph: point group of automorphisms of the sampled graph)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

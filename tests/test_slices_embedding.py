@@ -81,7 +81,7 @@ def test_time_box_ends_a_decode_with_a_typed_error(rocksalt):
 
 
 def test_collapsed_cell_is_an_embedding_error_not_a_slow_graph_check():
-    """A fuzzed net whose optimum is a 4 Å^3 sliver cell: rejected before pymatgen's neighbour search,
+    """A fuzzed net whose optimum is a sliver cell of 4 Å^3 (0.8 Å^3 per atom): rejected before pymatgen's neighbour search,
     which took 16 s on that cell (past any time box)."""
     graph = CrystalGraph(("Ba", "Br", "I", "Lu", "Ti"), (
         (0, 3, 1, 0, 1), (1, 1, 1, 0, 1), (1, 2, 1, 1, 0), (1, 2, 1, 1, 1), (1, 3, 1, 0, -1), (3, 4, 1, -1, 0)))

@@ -69,7 +69,7 @@ _IMAGES = np.array(list(product((-1, 0, 1), repeat=3)), dtype=float)  # 27 neigh
 _ZERO_IMAGE = 13  # index of (0, 0, 0) in _IMAGES
 _COLLISION = 1e-3  # fractional distance below which two barycentric nodes coincide
 _MIN_SEPARATION = 0.5  # Å, closest approach of two decoded atoms (the structural-validity bound)
-_MIN_VOLUME_PER_ATOM = 2.0  # Å^3; the densest real crystals have about 4 (BeO, diamond 5.7)
+_MIN_VOLUME_PER_ATOM = 4.0  # Å^3; diamond has 5.7, the densest MP-20 sample crystal (Be3N2) 6.9
 _SEPARATION_STEPS = (0.02, 0.05, 0.1)  # fractional scales of the symmetric kicks that part coincident atoms
 _SMALLEST_ANGLE_DEG = {2: 120.0, 3: 120.0, 4: 109.47, 5: 90.0, 6: 90.0, 7: 72.0, 8: 70.53, 9: 66.0, 10: 64.0}
 """Smallest bond angle of the ideal coordination polyhedron by coordination number (60° beyond)."""
@@ -773,8 +773,9 @@ def embed_checked(
 
     With operations, a last attempt leaves them out (the net's own symmetry is used, as for plain
     SLICES): operations whose graph actions pin atoms onto each other are reported and dropped, not
-    returned as a crystal with overlapping atoms. All attempts share the time box
-    ``params.time_limit_s``; the first error is raised when no attempt builds a crystal.
+    returned as a crystal with overlapping atoms. All attempts and their graph checks share the time box
+    ``params.time_limit_s`` (an attempt that ends past it is not checked); the first error is raised when
+    no attempt builds a crystal.
     """
     start = time.monotonic()
     plan = [(tuple(symops), changes) for changes in RETRY_VARIANTS[: max(1, attempts)]]
@@ -793,6 +794,8 @@ def embed_checked(
                 logger.warning("decoded without the symmetry part after: %s", first_error or err)
             first_error = first_error or err
             continue
+        if time.monotonic() - start >= params.time_limit_s:  # no time left to check or to try again
+            return first or structure
         try:
             found = structure_to_graph(structure, strategy)
         except CrystalEncodeError:
