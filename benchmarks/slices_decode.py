@@ -92,18 +92,28 @@ def run_ours(name: str, tokenizer: SlicesPlusTokenizer, structures: list[Structu
     return row, texts
 
 
-def run_reference(env: Path, texts: list[str | None], structures: list[Structure], checker: SlicesPlusTokenizer) -> Row:
-    """Decode plain SLICES strings with the published package in its own environment."""
+def run_reference(
+    env: Path, texts: list[str | None], structures: list[Structure], checker: SlicesPlusTokenizer, results: Path
+) -> Row:
+    """Decode plain SLICES strings with the published package in its own environment.
+
+    Its output (one JSON line per string, ``slices_reference_compare.py``) goes to ``results`` as it
+    comes, and a later run with the same strings resumes after the lines already there.
+    """
     row = Row("published slices 2.0.12 (M3GNet), plain EconNN SLICES", len(texts), 0, 0, 0, [], [])
     usable = [(k, t) for k, t in enumerate(texts) if t is not None]
-    with tempfile.TemporaryDirectory() as tmp:
-        strings = Path(tmp) / "strings.txt"
-        strings.write_text("\n".join(t for _, t in usable) + "\n")
-        env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
-        out = subprocess.run([str(env / "bin" / "python"), str(HERE / "slices_reference_compare.py"), str(strings)],
-                             capture_output=True, text=True, env=env_vars, check=False)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = results.read_text().splitlines() if results.exists() else []
+    if len(done) < len(usable):
+        with tempfile.TemporaryDirectory() as tmp, results.open("a") as sink:
+            strings = Path(tmp) / "strings.txt"
+            strings.write_text("\n".join(t for _, t in usable) + "\n")
+            env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1",
+                        "TF_NUM_INTEROP_THREADS": "1"}
+            subprocess.run([str(env / "bin" / "python"), str(HERE / "slices_reference_compare.py"), str(strings),
+                            "--start", str(len(done))], stdout=sink, stderr=subprocess.DEVNULL, env=env_vars, check=False)
     matcher = StructureMatcher()
-    for line in out.stdout.splitlines():
+    for line in results.read_text().splitlines()[: len(usable)]:
         record = json.loads(line)
         k = usable[record["index"]][0]
         row.seconds.append(record["seconds"])
@@ -116,6 +126,7 @@ def run_reference(env: Path, texts: list[str | None], structures: list[Structure
         row.decoded += 1
         row.graph += checker.string_graph_matches(texts[k], decoded)
         row.matched += matcher.fit(structures[k], decoded)
+    row.n = usable[len(row.seconds) - 1][0] + 1 if row.seconds else 0  # crystals covered so far
     return row
 
 
@@ -124,6 +135,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--reference", type=Path, default=None, help="environment of the published package")
     parser.add_argument("--reference-n", type=int, default=30, help="crystals decoded by the reference (slow)")
+    parser.add_argument("--reference-results", type=Path, default=HERE.parent / "outputs" / "slices_reference.jsonl",
+                        help="JSON lines of the reference decodes, written as they come; a rerun resumes there")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
@@ -136,10 +149,11 @@ def main() -> None:
     reference_note = "reference not run (no --reference)"
     if args.reference is not None:
         if (args.reference / "bin" / "python").exists():
-            k = args.reference_n
-            rows.append(run_ours(f"ours, plain EconNN SLICES, first {k}", plain, structures[:k])[0])
-            rows.append(run_reference(args.reference, plain_texts[:k], structures[:k], plain))
-            ours, ref = rows[-2], rows[-1]
+            ref = run_reference(args.reference, plain_texts[: args.reference_n], structures[: args.reference_n], plain,
+                                args.reference_results)
+            k = ref.n  # fewer than --reference-n while an interrupted run has not been resumed
+            ours = run_ours(f"ours, plain EconNN SLICES, first {k}", plain, structures[:k])[0]
+            rows += [ours, ref]
             speed = np.median(ref.cpu_seconds) / np.median(ours.cpu_seconds)
             reference_note = (f"on the same {k} strings: ours is {speed:.0f}x faster (median CPU time), graph match "
                               f"{ours.graph / k:.3f} vs {ref.graph / k:.3f}, StructureMatcher {ours.matched / k:.3f} "

@@ -4,7 +4,7 @@ Run with the reference environment made by ``../shared/reference/slices/setup.sh
 
     DIR/bin/python benchmarks/slices_reference_compare.py STRINGS.txt > RESULTS.jsonl
 
-Input: one plain SLICES string per line (edges as ``i j a b c``). Output: one JSON object per line with
+Input: one plain SLICES string per line (edges as ``i j a b c``); ``--start K`` skips the first K. Output: one JSON object per line with
 ``index``, ``seconds`` (wall time of ``SLICES2structure``), ``cpu_seconds`` (CPU time, xtb children
 included) and ``cif`` or ``error``. Every decode runs
 under a time limit (``--timeout``, s). ``benchmarks/slices_decode.py`` drives this script.
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("strings")
     parser.add_argument("--graph-method", default="econnn")
     parser.add_argument("--timeout", type=int, default=120)
+    parser.add_argument("--start", type=int, default=0, help="skip the first lines (resume an earlier run)")
     args = parser.parse_args()
     with contextlib.redirect_stdout(io.StringIO()):
         backend = SLICES(graph_method=args.graph_method)
@@ -52,7 +53,7 @@ def main() -> None:
     out = sys.stdout
     with open(args.strings, encoding="utf-8") as handle:
         lines = [line.strip() for line in handle if line.strip()]
-    for index, text in enumerate(lines):
+    for index, text in enumerate(lines[args.start:], start=args.start):
         start, cpu_start = time.perf_counter(), _cpu_seconds()
         record: dict = {"index": index}
         signal.alarm(args.timeout)
