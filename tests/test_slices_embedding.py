@@ -21,6 +21,7 @@ from crystal_tokenizers.slices.graph import (
     periodic_rank,
     structure_to_graph,
 )
+from crystal_tokenizers.slices.rotations import rotation_algebra
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,27 @@ def test_decoded_rocksalt_is_cubic_with_its_graph(rocksalt):
     target = float(np.mean(embedding.bond_targets(graph)))
     assert 2.6 < target < 3.1  # fitted Na-Cl bond model at CN 6 (rock salt: 2.82 Å)
     assert abs(shortest / target - 1) < 0.03
+
+
+def test_net_symmetry_of_primitive_rocksalt_is_the_full_cubic_group(rocksalt):
+    graph = structure_to_graph(rocksalt.get_primitive_structure(), "minimumdistancenn")
+    symops, actions = embedding.net_symmetry(graph)
+    assert len(symops) == 48 and len(actions) == 48
+
+
+def test_bond_vector_filter_keeps_every_automorphism(sample_table):
+    """The vectorised filter before the exact tests never drops a rotation that has an automorphism."""
+    algebra = rotation_algebra()
+    checked = 0
+    for cif in sample_table.cif[:40]:
+        graph = structure_to_graph(Structure.from_str(cif, fmt="cif"), "minimumdistancenn_adaptive")
+        placement = embedding.barycentric_placement(graph)
+        if embedding.has_collision(placement) or periodic_rank(graph) < 3:
+            continue
+        exact = {k for k, r in enumerate(algebra.matrices) if embedding._automorphism_from_placement(graph, r, placement)}
+        assert set(embedding.graph_automorphisms(graph, algebra.matrices)) == exact
+        checked += 1
+    assert checked >= 25
 
 
 def test_isolated_node_is_an_embedding_error():

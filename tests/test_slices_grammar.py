@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -10,19 +11,12 @@ import networkx as nx
 import pandas as pd
 import pytest
 import torch
-
-import time
-
 from pymatgen.core import Lattice, Structure
 
 from crystal_tokenizers.slices import codec
 from crystal_tokenizers.slices.embedding import periodic_rank, symmetry_actions
-from crystal_tokenizers.slices.grammar import (
-    SlicesGrammarLogitsProcessor,
-    independent,
-    rotation_algebra,
-    rotation_tables,
-)
+from crystal_tokenizers.slices.grammar import SlicesGrammarLogitsProcessor, independent
+from crystal_tokenizers.slices.rotations import rotation_algebra, rotation_tables
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
 from modeling.configuration_mattergpt import MatterGPTConfig
 from modeling.modeling_mattergpt import MatterGPTForCausalLM

@@ -5,8 +5,9 @@ Pipeline (each step a small function):
 1. Symmetry (SLICES-PLUS): each decoded rotation must act on the labelled graph as an automorphism
    (read off the barycentric placement, else a budgeted backtracking search; products of found
    operations are composed). Inconsistent operations raise ``SymmetryMismatchError`` when
-   ``strict_symmetry``, else they are logged and left out. Plain SLICES: the exact symmetry of the
-   barycentric placement (the net's own) is used instead.
+   ``strict_symmetry``, else they are logged and left out. Plain SLICES: the net's own point group is
+   used instead, the rotations (among those SLICES-PLUS letters can write) that act on the graph
+   (``net_symmetry``); where the barycentric placement collides, the symmetry spglib finds in it.
 2. Barycentric placement: every node at the mean of its bonded neighbours' images, a linear solve of
    the edge equations ``L x = b`` (graph Laplacian ``L``; Delgado-Friedrichs & O'Keeffe, Acta Cryst.
    A59, 351 (2003)). Placements that put two atoms on one point, or nets that are not 3-periodic,
@@ -60,6 +61,7 @@ from crystal_tokenizers.slices.graph import (
     structure_to_graph,
 )
 from crystal_tokenizers.slices.radii import ALPHA, BETA, RADII
+from crystal_tokenizers.slices.rotations import rotation_algebra
 
 logger = logging.getLogger(__name__)
 
@@ -497,43 +499,84 @@ def _automorphism(graph: CrystalGraph, rotation: np.ndarray, deadline: float) ->
     return [sigma[k] for k in range(n)], np.array([shift[k] for k in range(n)])
 
 
-def _placement_admits(graph: CrystalGraph, rotation: np.ndarray, placement: np.ndarray) -> bool:
-    """Whether some ``x -> R x + tau`` maps the placed nodes onto placed nodes of the same species.
+def _maps_bond_vectors(graph: CrystalGraph, rotations: np.ndarray, placement: np.ndarray) -> np.ndarray:
+    """Which ``rotations`` (n, 3, 3) may map the placed bond vectors, with their end species, onto placed ones.
 
-    Necessary for an automorphism with linear part ``R`` even when the placement puts several nodes on
-    one point (equivariance still holds; only the node permutation is then ambiguous).
+    Necessary for an automorphism (the barycentric placement of a connected 3-periodic net is
+    equivariant, also where it puts several nodes on one point); a vectorised filter before the exact
+    tests. Vectors are compared by their projection on a fixed generic direction, offset by the
+    species pair, so the filter may pass a rotation that fails but never stops one that works.
     """
-    species = np.array(graph.species)
-    mapped = placement @ rotation.T
-    different = species[:, None] != species[None, :]
-    for m in np.flatnonzero(species == species[0]):
-        diff = mapped + (placement[m] - mapped[0]) - placement[:, None, :]  # [j, i]: moved i vs placed j
-        dist = np.linalg.norm(diff - np.round(diff), axis=-1)
-        dist[different] = np.inf
-        if np.max(np.min(dist, axis=0)) < 1e-6:
-            return True
-    return False
+    edges = np.array(graph.edges, dtype=int)
+    species = np.unique(np.array(graph.species), return_inverse=True)[1]
+    vectors = placement[edges[:, 1]] + edges[:, 2:] - placement[edges[:, 0]]
+    direction = np.array([1.0, np.sqrt(2.0), np.pi]) / np.sqrt(3.0 + np.pi**2)
+    pair = species[edges[:, 0]] * (species.max() + 1) + species[edges[:, 1]]
+    reverse = species[edges[:, 1]] * (species.max() + 1) + species[edges[:, 0]]
+    spread = 4.0 * (np.abs(vectors).sum() + 1.0)  # beyond any projection of a bond vector
+    targets = np.sort(np.concatenate([vectors @ direction + pair * spread, -vectors @ direction + reverse * spread]))
+    moved = np.einsum("rij,ej,i->re", rotations, vectors, direction) + pair * spread
+    index = np.clip(np.searchsorted(targets, moved), 1, len(targets) - 1)
+    nearest = np.minimum(np.abs(targets[index] - moved), np.abs(targets[index - 1] - moved))
+    return np.all(nearest < 1e-6 * spread, axis=1)
+
+
+def graph_automorphisms(
+    graph: CrystalGraph, rotations: np.ndarray, time_limit_s: float = _SYMMETRY_SEARCH_S
+) -> dict[int, tuple[list[int], np.ndarray]]:
+    """Node permutation and shifts of an automorphism for each of ``rotations`` (n, 3, 3) that has one.
+
+    For a connected 3-periodic graph. Exact from the barycentric placement when it puts no two nodes
+    on one point (it is then equivariant). Otherwise the candidates are searched by backtracking until
+    ``time_limit_s`` runs out; those left unsearched count as having no automorphism.
+    """
+    placement = barycentric_placement(graph)
+    candidates = np.flatnonzero(_maps_bond_vectors(graph, rotations, placement))
+    found = {}
+    for k in candidates:
+        action = _automorphism_from_placement(graph, rotations[k], placement)
+        if action is not None:
+            found[int(k)] = action
+    if has_collision(placement):
+        deadline = time.monotonic() + time_limit_s
+        for k in candidates:
+            if time.monotonic() > deadline:
+                break
+            if int(k) not in found:
+                action = _automorphism(graph, rotations[k], deadline)
+                if action is not None:
+                    found[int(k)] = action
+    return found
 
 
 def graph_automorphism_rotations(
     graph: CrystalGraph, rotations: np.ndarray, time_limit_s: float = _SYMMETRY_SEARCH_S
 ) -> np.ndarray:
-    """Which of ``rotations`` (n, 3, 3) are linear parts of automorphisms of the labelled graph (bool, n).
+    """Which of ``rotations`` (n, 3, 3) are linear parts of automorphisms of the graph (bool, n; see
+    ``graph_automorphisms``)."""
+    mask = np.zeros(len(rotations), dtype=bool)
+    mask[list(graph_automorphisms(graph, rotations, time_limit_s))] = True
+    return mask
 
-    Exact from the barycentric placement when it puts no two nodes on one point (it is then
-    equivariant). Otherwise the rotations that map the placed points onto themselves are searched by
-    backtracking until ``time_limit_s`` runs out; those left unsearched count as no automorphism.
+
+def net_symmetry(graph: CrystalGraph) -> tuple[tuple[SymOp, ...], list[tuple[list[int], np.ndarray]]]:
+    """The point group of the net's automorphisms among the rotations SLICES-PLUS letters can write,
+    with their actions; empty if the barycentric placement collides or they do not close into a group.
+
+    Used for plain SLICES: it does not depend on a metric, unlike the symmetry spglib finds in a
+    placed crystal.
     """
-    placement = barycentric_placement(graph)
-    found = np.array([_automorphism_from_placement(graph, r, placement) is not None for r in rotations], dtype=bool)
-    if has_collision(placement):
-        deadline = time.monotonic() + time_limit_s
-        for k in np.flatnonzero(~found):
-            if time.monotonic() > deadline:
-                break
-            if _placement_admits(graph, rotations[k], placement):
-                found[k] = _automorphism(graph, rotations[k], deadline) is not None
-    return found
+    if has_collision(barycentric_placement(graph)):
+        return (), []
+    algebra = rotation_algebra()
+    found = graph_automorphisms(graph, algebra.matrices)
+    numbers = frozenset(found)
+    if not numbers or algebra.closure(numbers) != numbers:
+        return (), []
+    ordered = sorted(numbers)
+    zero = (Fraction(0),) * 3
+    symops = tuple(SymOp(tuple(map(tuple, algebra.matrices[k].tolist())), zero) for k in ordered)  # type: ignore[arg-type]
+    return symops, [found[k] for k in ordered]
 
 
 def _bfs_order(incident: list[list[tuple[int, np.ndarray]]], n: int) -> list[tuple[int, int | None, np.ndarray]]:
@@ -719,7 +762,9 @@ def embed(
         objective = _Objective(graph, params, deadline)
         metric = initial_metric(graph, frac, objective.targets, 1.5 * objective.volume0)
         if not symops and params.detect_symmetry:  # plain SLICES: the net's own symmetry
-            symops, actions = detect_symmetry(graph, frac, np.linalg.cholesky(metric), _NET_SYMPRECS)
+            symops, actions = net_symmetry(graph)
+            if not symops:
+                symops, actions = detect_symmetry(graph, frac, np.linalg.cholesky(metric), _NET_SYMPRECS)
         if symops:
             frac, metric = symmetrize(frac, metric, symops, actions)
             frac = separate_symmetric(frac, metric, symops, actions, rng)
