@@ -819,8 +819,8 @@ def embed_checked(
     With operations, a last attempt leaves them out (the net's own symmetry is used, as for plain
     SLICES): operations whose graph actions pin atoms onto each other are reported and dropped, not
     returned as a crystal with overlapping atoms. All attempts and their graph checks share the time box
-    ``params.time_limit_s`` (an attempt that ends past it is not checked); the first error is raised when
-    no attempt builds a crystal.
+    ``params.time_limit_s`` (an attempt is returned unchecked when its check, estimated by the last one,
+    would end past it); the first error is raised when no attempt builds a crystal.
     """
     start = time.monotonic()
     plan = [(tuple(symops), changes) for changes in RETRY_VARIANTS[: max(1, attempts)]]
@@ -828,6 +828,7 @@ def embed_checked(
         plan.append(((), {}))
     first: Structure | None = None
     first_error: CrystalDecodeError | None = None
+    check_seconds = 0.0  # duration of the last graph check, the estimate of the next
     for operations, changes in plan:
         remaining = params.time_limit_s - (time.monotonic() - start)
         if remaining <= 0:
@@ -839,12 +840,14 @@ def embed_checked(
                 logger.warning("decoded without the symmetry part after: %s", first_error or err)
             first_error = first_error or err
             continue
-        if time.monotonic() - start >= params.time_limit_s:  # no time left to check or to try again
+        if time.monotonic() - start + check_seconds >= params.time_limit_s:  # no time to check it
             return first or structure
+        check_start = time.monotonic()
         try:
             found = structure_to_graph(structure, strategy)
         except CrystalEncodeError:
             found = None
+        check_seconds = time.monotonic() - check_start
         if found is not None and graphs_match(graph, found):
             return structure
         first = first or structure
