@@ -122,8 +122,11 @@ def run_reference(
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            decoded = Structure.from_str(record["cif"], fmt="cif")
-        if not np.all(np.isfinite(decoded.lattice.matrix)):  # the reference returned a NaN cell
+            try:
+                decoded = Structure.from_str(record["cif"], fmt="cif")
+            except ValueError:  # a CIF of NaN coordinates
+                continue
+        if not (np.all(np.isfinite(decoded.lattice.matrix)) and np.all(np.isfinite(decoded.frac_coords))):  # NaN cell
             continue
         row.decoded += 1
         row.graph += checker.string_graph_matches(texts[k], decoded)
