@@ -13,12 +13,12 @@ from training.io import parse_cif
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def shared_file(relative: str) -> Path:
-    """A file of ../shared/data, or skip the test with the reason when it is absent."""
+def requires_shared(relative: str) -> pytest.MarkDecorator:
+    """Skip marker for a test that reads ``../shared/data/<relative>``, active only when the file is absent."""
     path = SHARED_DATA / relative
-    if not path.exists():
-        pytest.skip(f"{path} is absent: this check needs crystal-lm's shared data folder next to the project")
-    return path
+    return pytest.mark.skipif(
+        not path.exists(), reason=f"{path} is absent: this check needs crystal-lm's shared data folder next to the project"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from crystal_tokenizers.errors import MalformedSequenceError
 from crystal_tokenizers.slices import codec
 from crystal_tokenizers.slices.graph import CrystalGraph
-from tests.conftest import shared_file
+from tests.conftest import SHARED_DATA, requires_shared
 
 IDENTITY = "i u y 1s 1s 1s"
 
@@ -81,16 +81,19 @@ def test_parser_never_crashes(text):
 @pytest.mark.parametrize(
     "relative, column",
     [
-        ("slices_plus_paper/crystal_system.csv", "slices"),
-        ("slices_plus_paper/formation_energy.csv", "slices_plus"),
-        ("slices_plus_paper/crystal_system_plus_4class.csv", "slices_plus"),
-        ("slices_plus_paper/crystal_system_plus_7class.csv", "slices_plus"),
-        ("slices_plus_paper/elastic_cubic.csv", "slices"),
-        ("slices_mp20_nonmetal/slices_eform_bandgap.csv", "slices"),
+        pytest.param(relative, column, marks=requires_shared(relative))
+        for relative, column in [
+            ("slices_plus_paper/crystal_system.csv", "slices"),
+            ("slices_plus_paper/formation_energy.csv", "slices_plus"),
+            ("slices_plus_paper/crystal_system_plus_4class.csv", "slices_plus"),
+            ("slices_plus_paper/crystal_system_plus_7class.csv", "slices_plus"),
+            ("slices_plus_paper/elastic_cubic.csv", "slices"),
+            ("slices_mp20_nonmetal/slices_eform_bandgap.csv", "slices"),
+        ]
     ],
 )
 def test_every_published_string_parses(relative, column):
-    texts = pd.read_csv(shared_file(relative))[column]
+    texts = pd.read_csv(SHARED_DATA / relative)[column]
     records = [codec.parse_record(text) for text in texts]
     assert len(records) == len(texts)
     if column == "slices_plus":

@@ -16,11 +16,11 @@ from pymatgen.core import Lattice, Structure
 from crystal_tokenizers.slices import codec
 from crystal_tokenizers.slices.embedding import periodic_rank, symmetry_actions
 from crystal_tokenizers.slices.grammar import SlicesGrammarLogitsProcessor, independent
-from crystal_tokenizers.slices.rotations import rotation_algebra, rotation_tables
+from crystal_tokenizers.slices.rotations import finite_rotation_triples, rotation_algebra
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
 from modeling.configuration_mattergpt import MatterGPTConfig
 from modeling.modeling_mattergpt import MatterGPTForCausalLM
-from tests.conftest import shared_file
+from tests.conftest import SHARED_DATA, requires_shared
 from training.io import parse_cif
 
 SAMPLE_CSV = Path(__file__).resolve().parents[1] / "crystal_tokenizers" / "data" / "mp20_sample.csv"
@@ -109,8 +109,9 @@ def test_graph_check_stops_exactly_the_operations_the_decoder_drops(plus, encode
     assert len(dropped) < 0.02 * len(texts)
 
 
+@requires_shared("slices_plus_paper/crystal_system.csv")
 def test_grammar_admits_published_strings(plain):
-    table = pd.read_csv(shared_file("slices_plus_paper/crystal_system.csv"))
+    table = pd.read_csv(SHARED_DATA / "slices_plus_paper/crystal_system.csv")
     texts = table.slices[:160].tolist()
     assert _rejected(plain, texts, order="published", periodic=False, duplicate_edges=True) == []
     # without duplicate_edges, exactly the strings that repeat an edge are stopped (at the repeat)
@@ -124,8 +125,9 @@ def test_grammar_admits_published_strings(plain):
     assert rows == {r for r, repeat in enumerate(repeats) if repeat} and rows
 
 
+@requires_shared("slices_plus_paper/formation_energy.csv")
 def test_grammar_admits_published_plus_strings(plus):
-    table = pd.read_csv(shared_file("slices_plus_paper/formation_energy.csv"))
+    table = pd.read_csv(SHARED_DATA / "slices_plus_paper/formation_energy.csv")
     assert _rejected(plus, table.slices_plus[:60].tolist(), order="published") == []
 
 
@@ -146,7 +148,7 @@ def _random_logit_samples(tokenizer, n, max_length, seed, **kwargs) -> list[str]
 def test_random_logit_samples_parse_into_complete_graphs(plus, plain, symmetry, order):
     tokenizer = plus if symmetry else plain
     texts = _random_logit_samples(tokenizer, 50, 120, seed=3, max_nodes=8, order=order)
-    rotations = rotation_tables()[2]
+    rotations = finite_rotation_triples()
     for text in texts:
         record = tokenizer.string_to_record(text)
         assert _graph_complete(record.graph), text
@@ -202,21 +204,22 @@ def test_sampled_operations_close_into_a_point_group(plus, rocksalt_graph_text, 
 def test_eos_waits_for_the_group_to_close(plus, rocksalt_graph_text):
     eos = plus.eos_token_id
 
-    def eos_allowed(operations: str) -> bool:
+    def eos_allowed(operations: str, check: str = "group") -> bool:
         ids, _ = _framed(plus, [f"{rocksalt_graph_text} {operations}"])
-        scores = plus.grammar_processor(symmetry_check="group")(ids[:, :-1], torch.zeros(1, len(plus)))
+        scores = plus.grammar_processor(symmetry_check=check)(ids[:, :-1], torch.zeros(1, len(plus)))
         return math.isfinite(float(scores[0, eos]))
 
     identity = "i u y 1s 1s 1s"
     assert eos_allowed(identity)
     assert not eos_allowed(f"{identity} x i y 1s 1s 1s")  # a 4-fold rotation alone
+    assert eos_allowed(f"{identity} x i y 1s 1s 1s", check="none")  # per-operation rules only
     assert eos_allowed(f"{identity} x i y 1s 1s 1s r x y 1s 1s 1s u r y 1s 1s 1s")  # the cyclic group of order 4
     assert eos_allowed(f"{identity} r x z 1s 1s 1s")  # inversion: order 2
 
 
 def test_rotation_algebra_multiplies_and_closes():
     algebra = rotation_algebra()
-    assert len(algebra.triples) == len(rotation_tables()[2])
+    assert len(algebra.triples) == len(finite_rotation_triples()) == 1584
     four_fold = algebra.number[("x", "i", "y")]
     assert algebra.triples[algebra.product[four_fold, four_fold]] == ("r", "x", "y")  # two quarter turns
     assert len(algebra.closure(frozenset({four_fold}))) == 4
@@ -259,9 +262,9 @@ def test_cycle_rank_helper_is_exact():
     assert independent([], (0, 0, 1)) and not independent([], (0, 0, 0))
     assert not independent([(1, 0, 0)], (-2, 0, 0)) and independent([(1, 0, 0)], (1, 1, 0))
     assert not independent([(1, 0, 0), (0, 1, 0)], (3, -1, 0)) and independent([(1, 0, 0), (0, 1, 0)], (0, 1, 1))
-    first_rows, _, rotations = rotation_tables()
+    rotations = finite_rotation_triples()
     assert isinstance(SlicesPlusTokenizer().grammar_processor(), SlicesGrammarLogitsProcessor)
-    assert "i" in first_rows and "c" in first_rows  # c = [1, 1, 0] starts e.g. [[1,1,0],[0,-1,0],[0,0,1]]
+    assert ("c", "x", "y") in rotations  # [[1,1,0],[0,-1,0],[0,0,1]]: order 2
     assert ("i", "u", "y") in rotations and ("r", "x", "z") in rotations  # identity and inversion
     assert ("i", "i", "y") not in rotations  # singular
     assert ("c", "u", "y") not in rotations  # shear [[1,1,0],[0,1,0],[0,0,1]]: det 1, infinite order

@@ -522,15 +522,19 @@ def _maps_bond_vectors(graph: CrystalGraph, rotations: np.ndarray, placement: np
 
 
 def graph_automorphisms(
-    graph: CrystalGraph, rotations: np.ndarray, time_limit_s: float = _SYMMETRY_SEARCH_S
+    graph: CrystalGraph,
+    rotations: np.ndarray,
+    time_limit_s: float = _SYMMETRY_SEARCH_S,
+    placement: np.ndarray | None = None,
 ) -> dict[int, tuple[list[int], np.ndarray]]:
     """Node permutation and shifts of an automorphism for each of ``rotations`` (n, 3, 3) that has one.
 
     For a connected 3-periodic graph. Exact from the barycentric placement when it puts no two nodes
     on one point (it is then equivariant). Otherwise the candidates are searched by backtracking until
-    ``time_limit_s`` runs out; those left unsearched count as having no automorphism.
+    ``time_limit_s`` runs out; those left unsearched count as having no automorphism. ``placement``:
+    the graph's barycentric placement, when the caller has it already.
     """
-    placement = barycentric_placement(graph)
+    placement = barycentric_placement(graph) if placement is None else placement
     candidates = np.flatnonzero(_maps_bond_vectors(graph, rotations, placement))
     found = {}
     for k in candidates:
@@ -566,10 +570,11 @@ def net_symmetry(graph: CrystalGraph) -> tuple[tuple[SymOp, ...], list[tuple[lis
     Used for plain SLICES: it does not depend on a metric, unlike the symmetry spglib finds in a
     placed crystal.
     """
-    if has_collision(barycentric_placement(graph)):
+    placement = barycentric_placement(graph)
+    if has_collision(placement):
         return (), []
     algebra = rotation_algebra()
-    found = graph_automorphisms(graph, algebra.matrices)
+    found = graph_automorphisms(graph, algebra.matrices, placement=placement)
     numbers = frozenset(found)
     if not numbers or algebra.closure(numbers) != numbers:
         return (), []

@@ -58,7 +58,7 @@ from crystal_tokenizers.grammar import IncrementalGrammarProcessor
 from crystal_tokenizers.slices.codec import ELEMENT_SYMBOLS, OFFSET_LABELS, ROTATION_ROWS, TRANSLATION_CODES
 from crystal_tokenizers.slices.embedding import graph_automorphism_rotations
 from crystal_tokenizers.slices.graph import CrystalGraph, species_order_key
-from crystal_tokenizers.slices.rotations import rotation_algebra, rotation_tables
+from crystal_tokenizers.slices.rotations import rotation_algebra
 
 ORDERS = ("canonical", "published")
 """Edge orders: the tokenizer's sorted canonical form, or the looser order of the published files."""
@@ -261,7 +261,7 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         by_key = sorted(self._element_key.items(), key=lambda item: item[1])
         self._sorted_element_ids = [token_id for token_id, _ in by_key]
         self._sorted_element_keys = [key for _, key in by_key]
-        self._first_rows, self._row_pairs, self._rotations = rotation_tables()
+        self._every_rotation = dict.fromkeys(range(len(self.algebra.triples)), 0)  # "none": nothing goes missing
         self._tail = (len(IDENTITY_TOKENS) if self.symmetry else 0) + 1  # identity group, <eos>
 
     # ------------------------------------------------------------------ state
@@ -489,8 +489,6 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
             limit = _TRANSLATION_LIMIT ** (5 - slot)  # groups that share this prefix at most
             return [self.code_ids[code] for code in TRANSLATION_CODES
                     if row.op_prefixes.get((*prefix, code), 0) < limit]
-        if self.symmetry_check == "none":
-            return self._unchecked_row_tokens(row, budget)
         # a rotation is writable if the group it completes fits: its other missing members, then <eos>
         triples = self.algebra.triples
         prefix = tuple(row.partial)
@@ -500,25 +498,16 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
             and (5 - slot) + 6 * missing + 1 <= budget
         }
         allowed = [self.row_ids[letter] for letter in ROTATION_ROWS if letter in letters]
-        if slot == 0 and self.algebra.closure(row.rotations) == row.rotations:
+        if slot == 0 and (self.symmetry_check == "none" or self.algebra.closure(row.rotations) == row.rotations):
             allowed.append(self.eos_id)
         return allowed
 
-    def _unchecked_row_tokens(self, row: _Row, budget: float) -> list[int]:
-        """Rotation letters with only the per-operation rules (finite order, budget)."""
-        slot = len(row.partial)
-        if slot == 0:
-            allowed = [self.eos_id]
-            if len(row.ops) < self.max_symops and len(IDENTITY_TOKENS) <= budget:
-                allowed += [self.row_ids[a] for a in sorted(self._first_rows)]
-            return allowed
-        if slot == 1:
-            return [self.row_ids[b] for b in ROTATION_ROWS if (row.partial[0], b) in self._row_pairs]
-        return [self.row_ids[c] for c in ROTATION_ROWS if (*row.partial, c) in self._rotations]
-
     def _rotation_options(self, row: _Row) -> dict[int, int]:
         """Writable rotations after ``row.rotations``, each with the number of group members still missing
-        once it is written (the group generated with the written rotations, within the admissible ones)."""
+        once it is written (the group generated with the written rotations, within the admissible ones;
+        ``"none"``: every finite-order rotation, nothing missing)."""
+        if self.symmetry_check == "none":
+            return self._every_rotation
         if row.options is not None:
             return row.options
         if row.admissible is None:

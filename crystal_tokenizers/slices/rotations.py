@@ -23,8 +23,8 @@ Triple = tuple[str, str, str]
 
 
 @functools.cache
-def rotation_tables() -> tuple[frozenset[str], frozenset[tuple[str, str]], frozenset[tuple[str, str, str]]]:
-    """First rows, first-two-row prefixes and full letter triples of the finite-order rotations."""
+def finite_rotation_triples() -> frozenset[Triple]:
+    """The letter triples whose matrices have finite order (1,584 of the 26^3)."""
     letters = list(ROTATION_ROWS)
     triples = list(itertools.product(letters, repeat=3))
     m = np.array([[ROTATION_ROWS[a], ROTATION_ROWS[b], ROTATION_ROWS[c]] for a, b, c in triples], dtype=np.int64)
@@ -34,8 +34,7 @@ def rotation_tables() -> tuple[frozenset[str], frozenset[tuple[str, str]], froze
     finite = np.zeros(len(triples), dtype=bool)
     for power in (m, m2, m3, m2 @ m2, m3 @ m3):  # orders 1, 2, 3, 4, 6
         finite |= np.all(power == eye, axis=(1, 2))
-    valid = [t for t, ok in zip(triples, finite) if ok]
-    return frozenset(t[0] for t in valid), frozenset(t[:2] for t in valid), frozenset(valid)
+    return frozenset(t for t, ok in zip(triples, finite) if ok)
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,7 +81,7 @@ def _matrix_codes(matrices: np.ndarray) -> np.ndarray:
 @functools.cache
 def rotation_algebra() -> RotationAlgebra:
     """The ``RotationAlgebra`` of the SLICES-PLUS letters (1,584 finite-order rotations)."""
-    triples = tuple(sorted(rotation_tables()[2]))
+    triples = tuple(sorted(finite_rotation_triples()))
     matrices = np.array([[ROTATION_ROWS[a] for a in t] for t in triples], dtype=np.int8)
     lookup = np.full(3 ** 9, -1, dtype=np.int16)
     lookup[_matrix_codes(matrices)] = np.arange(len(triples))
@@ -91,4 +90,4 @@ def rotation_algebra() -> RotationAlgebra:
     return RotationAlgebra(triples, {t: k for k, t in enumerate(triples)}, matrices.astype(int), product)
 
 
-__all__ = ["MAX_POINT_GROUP_ORDER", "RotationAlgebra", "rotation_algebra", "rotation_tables"]
+__all__ = ["MAX_POINT_GROUP_ORDER", "RotationAlgebra", "finite_rotation_triples", "rotation_algebra"]
