@@ -22,6 +22,7 @@ Both use a minimal AdamW loop (warm-up then constant learning rate, wall-clock b
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import statistics
@@ -164,8 +165,10 @@ def train_budgeted(
     lr: float = 5e-4,
     warmup_steps: int = 20,
     seed: int = 0,
+    schedule: str = "constant",
 ) -> TrainStats:
-    """AdamW (paper lr 5e-4, linear warm-up then constant) over length batches until ``budget_s`` seconds pass."""
+    """AdamW (paper lr 5e-4) over length batches until ``budget_s`` seconds pass: linear warm-up, then
+    ``schedule`` "constant" or "cosine" (cosine decay to zero over the wall-clock budget)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -174,8 +177,10 @@ def train_budgeted(
     while time.perf_counter() - start < budget_s:
         batches = length_batches(lengths, max_tokens, rng)
         for done, batch in enumerate(batches, 1):
+            elapsed = min(1.0, (time.perf_counter() - start) / budget_s)
+            decay = 0.5 * (1.0 + math.cos(math.pi * elapsed)) if schedule == "cosine" else 1.0
             for group in optimiser.param_groups:
-                group["lr"] = lr * min(1.0, (steps + 1) / warmup_steps)
+                group["lr"] = lr * min(1.0, (steps + 1) / warmup_steps) * decay
             loss = step_loss(batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -332,11 +337,14 @@ def generation_pool(tokenizer: SlicesPlusTokenizer, plain: SlicesPlusTokenizer, 
 
 
 def train_generator(
-    tokenizer: SlicesPlusTokenizer, pool: pd.DataFrame, budget_s: float, max_len: int, lr: float
+    tokenizer: SlicesPlusTokenizer, pool: pd.DataFrame, budget_s: float, max_len: int, lr: float,
+    schedule: str = "constant", init_from: Path | None = None,
 ) -> tuple[MatterGPTForCausalLM, TrainStats, int]:
     """Dual-flow generator on strings of at most ``max_len`` tokens, conditioned on crystal system and Ef.
 
     Dropout is off (a run of a few epochs under-fits); condition dropout stays at its default 0.1.
+    ``init_from``: continue training a saved generator (same pool, so the same Ef normalisation) instead
+    of starting from random weights.
     """
     ids = token_ids(tokenizer, pool.text.tolist())
     keep = [i for i, seq in enumerate(ids) if len(seq) <= max_len]
@@ -349,7 +357,7 @@ def train_generator(
         property_means=(float(energy.mean()),), property_stds=(float(energy.std()),),
     )
     torch.manual_seed(0)
-    model = MatterGPTForCausalLM(config)
+    model = MatterGPTForCausalLM.from_pretrained(init_from) if init_from else MatterGPTForCausalLM(config)
 
     def step_loss(batch: list[int]) -> torch.Tensor:
         batch_ids, mask = pad([ids[i] for i in batch], tokenizer.pad_token_id)
@@ -357,7 +365,8 @@ def train_generator(
         return model(batch_ids, attention_mask=mask, labels=labels, crystal_system=systems[batch],
                      properties=energy[batch]).loss
 
-    stats = train_budgeted(model, [len(s) for s in ids], step_loss, budget_s, max_tokens=6144, lr=lr)
+    stats = train_budgeted(model, [len(s) for s in ids], step_loss, budget_s, max_tokens=6144, lr=lr,
+                           schedule=schedule)
     return model, stats, len(pool) - len(keep)
 
 
@@ -481,12 +490,15 @@ def generate(args: argparse.Namespace) -> dict:
         predictor = MatterGPTForSequenceClassification.from_pretrained(OUT_DIR / "predictor").eval()
         results["models"] = f"reused from {OUT_DIR}"
     else:
-        generator, gen_stats, dropped = train_generator(tokenizer, generator_part, args.budget_s, args.max_len, args.lr)
+        generator, gen_stats, dropped = train_generator(tokenizer, generator_part, args.budget_s, args.max_len, args.lr,
+                                                        args.schedule, args.init_from)
         generator.save_pretrained(OUT_DIR / "generator")
         predictor, pred_stats = train_predictor(tokenizer, predictor_train, mean, std, args.predictor_budget_s,
                                                 args.max_len)
         predictor.save_pretrained(OUT_DIR / "predictor")
         results.update({"generator_dropped_longer_than_max_len": dropped, "generator_lr": args.lr,
+                        "generator_schedule": args.schedule,
+                        "generator_init_from": str(args.init_from) if args.init_from else None,
                         "generator_training": asdict(gen_stats), "predictor_training": asdict(pred_stats)})
     predicted_val = predict(predictor, tokenizer, predictor_val.text.tolist(), args.max_len)[:, 0] * std + mean
     results["predictor_val_mae_ev_per_atom"] = round(
@@ -541,6 +553,9 @@ def main() -> None:
     gen = sub.add_parser("generate", help="Experiment 2")
     gen.add_argument("--budget-s", type=float, default=1800.0, help="generator training wall-clock seconds")
     gen.add_argument("--lr", type=float, default=1e-3, help="generator peak learning rate (paper: 5e-4)")
+    gen.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                     help="generator learning rate after warm-up (cosine: decays to zero over --budget-s)")
+    gen.add_argument("--init-from", type=Path, help="continue training this saved generator")
     gen.add_argument("--predictor-budget-s", type=float, default=240.0)
     gen.add_argument("--predictor-fraction", type=float, default=0.35)
     gen.add_argument("--max-len", type=int, default=768)

@@ -66,6 +66,18 @@ def test_net_symmetry_of_primitive_rocksalt_is_the_full_cubic_group(rocksalt):
     assert len(symops) == 48 and len(actions) == 48
 
 
+def test_net_symmetry_searches_a_collided_placement(sample_table):
+    """K(BH)3 (mp-23950, cubic): its barycentric placement puts atoms on one point, so the net's point
+    group comes from the backtracking search; every action found maps the graph onto itself."""
+    structure = _sample_structure(sample_table, "mp-23950")
+    graph = structure_to_graph(structure, "minimumdistancenn_adaptive")
+    assert embedding.has_collision(embedding.barycentric_placement(graph))
+    symops, actions = embedding.net_symmetry(graph, time_limit_s=5.0)
+    assert len(symops) == 48 == len(SpacegroupAnalyzer(structure).get_point_group_operations())
+    for op, (sigma, shifts) in zip(symops, actions):
+        assert embedding._maps_edges(graph, op.matrices()[0], sigma, shifts)
+
+
 def test_bond_vector_filter_keeps_every_automorphism(sample_table):
     """The vectorised filter before the exact tests never drops a rotation that has an automorphism."""
     algebra = rotation_algebra()
@@ -137,6 +149,22 @@ def test_random_graphs_decode_or_fail_typed_within_the_time_box(graph):
 def _sample_structure(sample_table, material_id: str) -> Structure:
     row = sample_table.set_index("material_id").loc[material_id]
     return Structure.from_str(row["cif"], fmt="cif")
+
+
+def test_decode_falls_back_to_no_imposed_symmetry_when_every_symmetric_attempt_fails(rocksalt, monkeypatch):
+    graph = structure_to_graph(rocksalt.get_primitive_structure(), "minimumdistancenn")
+    real_embed = embedding.embed
+    calls = []
+
+    def embed_failing_with_symmetry(graph, symops=(), params=embedding.EmbeddingParams()):
+        calls.append(params.detect_symmetry)
+        if params.detect_symmetry:
+            raise EmbeddingError("two atoms end 0.27 Å apart")
+        return real_embed(graph, symops, params)
+
+    monkeypatch.setattr(embedding, "embed", embed_failing_with_symmetry)
+    result = embedding.embed_checked(graph, (), "minimumdistancenn")
+    assert isinstance(result, Structure) and calls[-1] is False and calls.count(False) == 1
 
 
 def test_adaptive_strategy_raises_tolerance_until_the_net_is_3_periodic(sample_table):

@@ -7,7 +7,8 @@ Pipeline (each step a small function):
    operations are composed). Inconsistent operations raise ``SymmetryMismatchError`` when
    ``strict_symmetry``, else they are logged and left out. Plain SLICES: the net's own point group is
    used instead, the rotations (among those SLICES-PLUS letters can write) that act on the graph
-   (``net_symmetry``); where the barycentric placement collides, the symmetry spglib finds in it.
+   (``net_symmetry``; a budgeted backtracking search where the barycentric placement collides);
+   failing that, the symmetry spglib finds in the placed crystal.
 2. Barycentric placement: every node at the mean of its bonded neighbours' images, a linear solve of
    the edge equations ``L x = b`` (graph Laplacian ``L``; Delgado-Friedrichs & O'Keeffe, Acta Cryst.
    A59, 351 (2003)). Placements that put two atoms on one point, or nets that are not 3-periodic,
@@ -563,18 +564,19 @@ def graph_automorphism_rotations(
     return mask
 
 
-def net_symmetry(graph: CrystalGraph) -> tuple[tuple[SymOp, ...], list[tuple[list[int], np.ndarray]]]:
+def net_symmetry(
+    graph: CrystalGraph, time_limit_s: float = _SYMMETRY_SEARCH_S
+) -> tuple[tuple[SymOp, ...], list[tuple[list[int], np.ndarray]]]:
     """The point group of the net's automorphisms among the rotations SLICES-PLUS letters can write,
-    with their actions; empty if the barycentric placement collides or they do not close into a group.
+    with their actions; empty if they do not close into a group (e.g. the search of a collided
+    placement ran out of ``time_limit_s``, see ``graph_automorphisms``).
 
     Used for plain SLICES: it does not depend on a metric, unlike the symmetry spglib finds in a
     placed crystal.
     """
     placement = barycentric_placement(graph)
-    if has_collision(placement):
-        return (), []
     algebra = rotation_algebra()
-    found = graph_automorphisms(graph, algebra.matrices, placement=placement)
+    found = graph_automorphisms(graph, algebra.matrices, time_limit_s, placement=placement)
     numbers = frozenset(found)
     if not numbers or algebra.closure(numbers) != numbers:
         return (), []
@@ -767,7 +769,7 @@ def embed(
         objective = _Objective(graph, params, deadline)
         metric = initial_metric(graph, frac, objective.targets, 1.5 * objective.volume0)
         if not symops and params.detect_symmetry:  # plain SLICES: the net's own symmetry
-            symops, actions = net_symmetry(graph)
+            symops, actions = net_symmetry(graph, min(_SYMMETRY_SEARCH_S, deadline - time.monotonic()))
             if not symops:
                 symops, actions = detect_symmetry(graph, frac, np.linalg.cholesky(metric), _NET_SYMPRECS)
         if symops:
@@ -821,22 +823,26 @@ def embed_checked(
     """``embed``, re-run with the next ``RETRY_VARIANTS`` entry while the decoded crystal's graph (by
     ``strategy``) differs from ``graph``; returns the first matching crystal, else the first one built.
 
-    With operations, a last attempt leaves them out (the net's own symmetry is used, as for plain
+    With operations, a further attempt leaves them out (the net's own symmetry is used, as for plain
     SLICES): operations whose graph actions pin atoms onto each other are reported and dropped, not
-    returned as a crystal with overlapping atoms. All attempts and their graph checks share the time box
+    returned as a crystal with overlapping atoms. When no attempt builds a crystal, a last one imposes
+    no symmetry at all. All attempts and their graph checks share the time box
     ``params.time_limit_s`` (an attempt is returned unchecked when its check, estimated by the last one,
     would end past it); the first error is raised when no attempt builds a crystal.
     """
     start = time.monotonic()
-    plan = [(tuple(symops), changes) for changes in RETRY_VARIANTS[: max(1, attempts)]]
+    # (operations, parameter changes, tried only when no earlier attempt built a crystal)
+    plan = [(tuple(symops), changes, False) for changes in RETRY_VARIANTS[: max(1, attempts)]]
     if symops:
-        plan.append(((), {}))
+        plan.append(((), {}, False))
+    if params.detect_symmetry:
+        plan.append(((), {"detect_symmetry": False}, True))
     first: Structure | None = None
     first_error: CrystalDecodeError | None = None
     check_seconds = 0.0  # duration of the last graph check, the estimate of the next
-    for operations, changes in plan:
+    for operations, changes, last_resort in plan:
         remaining = params.time_limit_s - (time.monotonic() - start)
-        if remaining <= 0:
+        if remaining <= 0 or (last_resort and first is not None):
             break
         try:
             structure = embed(graph, operations, replace(params, time_limit_s=remaining, **changes))
