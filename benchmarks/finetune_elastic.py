@@ -25,6 +25,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -204,6 +205,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--decode-time-limit-s", type=float, default=2.0)
     parser.add_argument("--reuse", action="store_true", help="reuse the saved base and adapter (skip 1-2)")
+    parser.add_argument("--reuse-base", action="store_true", help="reuse the saved base, fine-tune anew (skip 1)")
     parser.add_argument("--grammar", choices=("on", "off", "both"), default="on",
                         help="sample through the SLICES grammar LogitsProcessor, without it, or both (same judge)")
     parser.add_argument("--no-grammar", dest="grammar", action="store_const", const="off", help="= --grammar off")
@@ -227,10 +229,16 @@ def main() -> None:
         log(f"reusing {base_dir} and {OUT_DIR / 'adapter'}")
         results["finetune"] = json.loads((OUT_DIR / "adapter" / SUMMARY_FILE).read_text())
     else:
-        t0 = time.perf_counter()
-        base_dir = pretrain_base(generator.slices.tolist(), tokenizer, args.pretrain_steps, args.max_len)
-        results["wall_s"]["pretrain"] = round(time.perf_counter() - t0, 1)
-        results["pretrain_steps"] = args.pretrain_steps
+        if args.reuse_base:
+            log(f"reusing {base_dir}")
+            results["pretrain_steps"] = json.loads((OUT_DIR / "base_run" / "metrics.json").read_text())["steps"]
+        else:
+            shutil.rmtree(OUT_DIR / "base_run", ignore_errors=True)  # a fresh run of this benchmark
+            t0 = time.perf_counter()
+            base_dir = pretrain_base(generator.slices.tolist(), tokenizer, args.pretrain_steps, args.max_len)
+            results["wall_s"]["pretrain"] = round(time.perf_counter() - t0, 1)
+            results["pretrain_steps"] = args.pretrain_steps
+        shutil.rmtree(OUT_DIR / "adapter", ignore_errors=True)
         t0 = time.perf_counter()
         shots_csv = OUT_DIR / "shots.csv"
         generator.sample(n=args.shots, random_state=0)[["slices", *PROPERTIES]].to_csv(shots_csv, index=False)
@@ -257,6 +265,7 @@ def main() -> None:
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     results["targets"]["real strings (judge part)"] = report
     log(f"reference: {report}")
+    seen = {" ".join(text.split()) for text in generator.slices}  # memorisation check: verbatim copies
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.grammar]
     for grammar, (name, generator_model, targets) in itertools.product(modes, [
         ("base, unconditioned", base, None),
@@ -266,6 +275,7 @@ def main() -> None:
         t0 = time.perf_counter()
         texts = sample(generator_model, tokenizer, args.samples, args.max_len, targets, grammar=grammar)
         report = judge_samples(texts, tokenizer, (judge_model, mean, std), args.max_len)
+        report["copied_from_generator_rows_share"] = round(sum(" ".join(t.split()) in seen for t in texts) / len(texts), 3)
         report["wall_s"] = round(time.perf_counter() - t0, 1)
         results["targets"][name] = report
         log(f"{name}: {report}")
