@@ -101,7 +101,7 @@ def pretrain_base(texts: list[str], tokenizer: SlicesPlusTokenizer, steps: int, 
             "data": {"path": str(run_dir / "dataset"), "eval_split": None, "max_length": max_len},
             "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 20, "schedule": "cosine"},
             "loop": {"micro_batch_size": 16, "max_steps": steps, "log_every": 25},
-            "checkpoint": {"every_steps": steps, "keep": 1},
+            "checkpoint": {"every_steps": min(steps, 500), "keep": 1},
         },
         model=MatterGPTForCausalLM(config), tokenizer=tokenizer,
     )
@@ -138,8 +138,9 @@ def train_judge(judge: pd.DataFrame, tokenizer: SlicesPlusTokenizer, budget_s: f
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, tokenizer: SlicesPlusTokenizer, n: int, max_len: int,
-           targets: dict[str, float] | None, batch_size: int = 50, grammar: bool = True) -> list[str]:
-    """``n`` strings (temperature 1, top-k 50); ``targets`` in GPa, ``None`` = unconditioned.
+           targets: dict[str, float] | None, batch_size: int = 50, grammar: bool = True,
+           temperature: float = 1.0) -> list[str]:
+    """``n`` strings (top-k 50 at ``temperature``); ``targets`` in GPa, ``None`` = unconditioned.
 
     ``grammar``: through the SLICES grammar ``LogitsProcessor`` in the published files' edge order (the
     order of the training strings), so that every string parses into a connected 3-periodic graph.
@@ -154,7 +155,7 @@ def sample(model: torch.nn.Module, tokenizer: SlicesPlusTokenizer, n: int, max_l
             kwargs["logits_processor"] = [tokenizer.grammar_processor(order="published", max_length=max_len)]
         out = model.generate(
             torch.full((size, 1), tokenizer.bos_token_id), attention_mask=torch.ones(size, 1, dtype=torch.long),
-            do_sample=True, temperature=1.0, top_k=50, max_new_tokens=max_len - 1,
+            do_sample=True, temperature=temperature, top_k=50, max_new_tokens=max_len - 1,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs,
         )
         for ids in out.tolist():
@@ -203,6 +204,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--judge-budget-s", type=float, default=180.0)
     parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (top-k 50)")
     parser.add_argument("--decode-time-limit-s", type=float, default=2.0)
     parser.add_argument("--reuse", action="store_true", help="reuse the saved base and adapter (skip 1-2)")
     parser.add_argument("--reuse-base", action="store_true", help="reuse the saved base, fine-tune anew (skip 1)")
@@ -219,7 +221,7 @@ def main() -> None:
     rows = load_rows(args.max_len, tokenizer, args.judge_fraction)
     generator, judge_part = rows[rows.part == "generator"], rows[rows.part == "judge"]
     log(f"rows kept {len(rows)}: generator {len(generator)}, judge {len(judge_part)}")
-    results = {"grammar": args.grammar,
+    results = {"grammar": args.grammar, "temperature": args.temperature,
                "rows_kept": len(rows), "generator_rows": len(generator), "judge_rows": len(judge_part),
                "max_len": args.max_len, "model_size": MODEL_SIZE, "shots": args.shots,
                "generator_median_K_G_gpa": [float(generator[p].median()) for p in PROPERTIES], "wall_s": {}}
@@ -273,7 +275,8 @@ def main() -> None:
     ]):
         name = name if grammar or args.grammar == "off" else f"{name}, no grammar"
         t0 = time.perf_counter()
-        texts = sample(generator_model, tokenizer, args.samples, args.max_len, targets, grammar=grammar)
+        texts = sample(generator_model, tokenizer, args.samples, args.max_len, targets, grammar=grammar,
+                       temperature=args.temperature)
         report = judge_samples(texts, tokenizer, (judge_model, mean, std), args.max_len)
         report["copied_from_generator_rows_share"] = round(sum(" ".join(t.split()) in seen for t in texts) / len(texts), 3)
         report["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -166,14 +166,18 @@ def train_budgeted(
     warmup_steps: int = 20,
     seed: int = 0,
     schedule: str = "constant",
+    checkpoint: Callable[[], None] | None = None,
+    checkpoint_every_s: float = 600.0,
 ) -> TrainStats:
     """AdamW (paper lr 5e-4) over length batches until ``budget_s`` seconds pass: linear warm-up, then
-    ``schedule`` "constant" or "cosine" (cosine decay to zero over the wall-clock budget)."""
+    ``schedule`` "constant" or "cosine" (cosine decay to zero over the wall-clock budget).
+    ``checkpoint()`` is called every ``checkpoint_every_s`` seconds (a long run survives an interruption)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
     start, steps, tokens, epochs, recent = time.perf_counter(), 0, 0, 0.0, []
+    last_checkpoint = start
     while time.perf_counter() - start < budget_s:
         batches = length_batches(lengths, max_tokens, rng)
         for done, batch in enumerate(batches, 1):
@@ -191,6 +195,11 @@ def train_budgeted(
             recent = (recent + [loss.item()])[-20:]
             if steps % 50 == 0:
                 log(f"step {steps} epoch {epochs + done / len(batches):.2f} loss {statistics.mean(recent):.4f}")
+            if checkpoint is not None and time.perf_counter() - last_checkpoint >= checkpoint_every_s:
+                model.eval()
+                checkpoint()
+                model.train()
+                last_checkpoint = time.perf_counter()
             if time.perf_counter() - start >= budget_s:
                 epochs += done / len(batches)
                 break
@@ -338,13 +347,13 @@ def generation_pool(tokenizer: SlicesPlusTokenizer, plain: SlicesPlusTokenizer, 
 
 def train_generator(
     tokenizer: SlicesPlusTokenizer, pool: pd.DataFrame, budget_s: float, max_len: int, lr: float,
-    schedule: str = "constant", init_from: Path | None = None,
+    schedule: str = "constant", init_from: Path | None = None, save_to: Path | None = None,
 ) -> tuple[MatterGPTForCausalLM, TrainStats, int]:
     """Dual-flow generator on strings of at most ``max_len`` tokens, conditioned on crystal system and Ef.
 
     Dropout is off (a run of a few epochs under-fits); condition dropout stays at its default 0.1.
     ``init_from``: continue training a saved generator (same pool, so the same Ef normalisation) instead
-    of starting from random weights.
+    of starting from random weights. ``save_to``: the generator is saved there every 10 minutes of training.
     """
     ids = token_ids(tokenizer, pool.text.tolist())
     keep = [i for i, seq in enumerate(ids) if len(seq) <= max_len]
@@ -365,8 +374,9 @@ def train_generator(
         return model(batch_ids, attention_mask=mask, labels=labels, crystal_system=systems[batch],
                      properties=energy[batch]).loss
 
+    checkpoint = (lambda: model.save_pretrained(save_to)) if save_to is not None else None
     stats = train_budgeted(model, [len(s) for s in ids], step_loss, budget_s, max_tokens=6144, lr=lr,
-                           schedule=schedule)
+                           schedule=schedule, checkpoint=checkpoint)
     return model, stats, len(pool) - len(keep)
 
 
@@ -491,7 +501,7 @@ def generate(args: argparse.Namespace) -> dict:
         results["models"] = f"reused from {OUT_DIR}"
     else:
         generator, gen_stats, dropped = train_generator(tokenizer, generator_part, args.budget_s, args.max_len, args.lr,
-                                                        args.schedule, args.init_from)
+                                                        args.schedule, args.init_from, save_to=OUT_DIR / "generator")
         generator.save_pretrained(OUT_DIR / "generator")
         predictor, pred_stats = train_predictor(tokenizer, predictor_train, mean, std, args.predictor_budget_s,
                                                 args.max_len)

@@ -62,8 +62,33 @@ def test_decoded_rocksalt_is_cubic_with_its_graph(rocksalt):
 
 def test_net_symmetry_of_primitive_rocksalt_is_the_full_cubic_group(rocksalt):
     graph = structure_to_graph(rocksalt.get_primitive_structure(), "minimumdistancenn")
-    symops, actions = embedding.net_symmetry(graph)
-    assert len(symops) == 48 and len(actions) == 48
+    rotations, actions = embedding.net_symmetry(graph)
+    assert len(rotations) == 48 and len(actions) == 48
+
+
+@pytest.fixture(scope="module")
+def orthohexagonal_beryllium() -> Structure:
+    """hcp Be (P6_3/mmc) in the C-centred orthohexagonal cell: its 6-fold axis has half-integer entries there."""
+    hcp = Structure.from_spacegroup("P6_3/mmc", Lattice.hexagonal(2.29, 3.58), ["Be"], [[1 / 3, 2 / 3, 1 / 4]])
+    return hcp.make_supercell([[1, 0, 0], [1, 2, 0], [0, 0, 1]], in_place=False)
+
+
+def test_primitive_net_of_a_centred_cell(orthohexagonal_beryllium):
+    graph = structure_to_graph(orthohexagonal_beryllium, "econnn")
+    primitive = embedding.primitive_net(graph)
+    assert graph.num_nodes == 4 and primitive.graph.num_nodes == 2
+    assert len(primitive.graph.edges) * 2 == len(graph.edges)
+    assert abs(abs(np.linalg.det(primitive.basis)) - 0.5) < 1e-9
+    assert embedding.primitive_net(structure_to_graph(orthohexagonal_beryllium.get_primitive_structure(), "econnn")) is None
+
+
+def test_plain_slices_in_a_centred_cell_decodes_with_the_full_symmetry(orthohexagonal_beryllium):
+    """The cell's basis writes only the orthorhombic subgroup; the primitive net gives P6_3/mmc back."""
+    graph = structure_to_graph(orthohexagonal_beryllium, "econnn")
+    decoded = embedding.embed_checked(graph, (), "econnn")
+    assert len(decoded) == 4 and np.allclose(decoded.lattice.matrix.shape, (3, 3))
+    assert SpacegroupAnalyzer(decoded, symprec=0.01).get_space_group_number() == 194
+    assert graphs_match(graph, structure_to_graph(decoded, "econnn"))
 
 
 def test_net_symmetry_searches_a_collided_placement(sample_table):
@@ -72,10 +97,10 @@ def test_net_symmetry_searches_a_collided_placement(sample_table):
     structure = _sample_structure(sample_table, "mp-23950")
     graph = structure_to_graph(structure, "minimumdistancenn_adaptive")
     assert embedding.has_collision(embedding.barycentric_placement(graph))
-    symops, actions = embedding.net_symmetry(graph, time_limit_s=5.0)
-    assert len(symops) == 48 == len(SpacegroupAnalyzer(structure).get_point_group_operations())
-    for op, (sigma, shifts) in zip(symops, actions):
-        assert embedding._maps_edges(graph, op.matrices()[0], sigma, shifts)
+    rotations, actions = embedding.net_symmetry(graph, time_limit_s=5.0)
+    assert len(rotations) == 48 == len(SpacegroupAnalyzer(structure).get_point_group_operations())
+    for rotation, (sigma, shifts) in zip(rotations, actions):
+        assert embedding._maps_edges(graph, rotation.astype(int), sigma, shifts)
 
 
 def test_bond_vector_filter_keeps_every_automorphism(sample_table):

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import networkx as nx
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -226,6 +227,18 @@ def test_rotation_algebra_multiplies_and_closes():
     three_fold = algebra.number[("x", "f", "y")]  # hexagonal axes
     assert len(algebra.closure(frozenset({three_fold}))) == 3
     assert algebra.closure(frozenset({three_fold, four_fold})) is None  # no finite group holds both
+
+
+def test_rotation_algebra_product_table_is_the_matrix_products():
+    """Every entry of the table (computed from codes, never forming the products) against ``R_a @ R_b``."""
+    algebra = rotation_algebra()
+    products = np.einsum("aij,bjk->abik", algebra.matrices, algebra.matrices)
+    writable = algebra.product >= 0
+    assert np.array_equal(products[writable], algebra.matrices[algebra.product[writable]])
+    outside = products[~writable].reshape(-1, 9)
+    in_range = np.abs(outside).max(axis=1) <= 1
+    written = {m.tobytes() for m in algebra.matrices.reshape(-1, 9)}
+    assert not any(m.tobytes() in written for m in outside[in_range])  # -1 only for unwritable products
 
 
 def test_tight_budget_forces_completion(plus):

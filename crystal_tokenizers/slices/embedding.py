@@ -6,9 +6,12 @@ Pipeline (each step a small function):
    (read off the barycentric placement, else a budgeted backtracking search; products of found
    operations are composed). Inconsistent operations raise ``SymmetryMismatchError`` when
    ``strict_symmetry``, else they are logged and left out. Plain SLICES: the net's own point group is
-   used instead, the rotations (among those SLICES-PLUS letters can write) that act on the graph
-   (``net_symmetry``; a budgeted backtracking search where the barycentric placement collides);
-   failing that, the symmetry spglib finds in the placed crystal.
+   used instead, the rotations (among those SLICES-PLUS letters can write, in the cell's basis or its
+   reduced basis) that act on the graph (``net_symmetry``; a budgeted backtracking search where the
+   barycentric placement collides); failing that, the symmetry spglib finds in the placed crystal.
+   A plain-SLICES cell holding several translation-equivalent copies of the net (a centred or
+   supercell setting) is decoded as its primitive net and expanded back (``primitive_net``), so
+   rotations the cell's basis cannot write (the 6-fold axis of an orthohexagonal cell) are imposed.
 2. Barycentric placement: every node at the mean of its bonded neighbours' images, a linear solve of
    the edge equations ``L x = b`` (graph Laplacian ``L``; Delgado-Friedrichs & O'Keeffe, Acta Cryst.
    A59, 351 (2003)). Placements that put two atoms on one point, or nets that are not 3-periodic,
@@ -31,13 +34,12 @@ Every decode is time-boxed (``DecodeTimeoutError``), so fuzzed graphs end in an 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from fractions import Fraction
-from itertools import product
 
 import numpy as np
 from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
@@ -62,13 +64,13 @@ from crystal_tokenizers.slices.graph import (
     structure_to_graph,
 )
 from crystal_tokenizers.slices.radii import ALPHA, BETA, RADII
-from crystal_tokenizers.slices.rotations import rotation_algebra
+from crystal_tokenizers.slices.rotations import MAX_POINT_GROUP_ORDER, rotation_algebra
 
 logger = logging.getLogger(__name__)
 
 _MIN_BOND = 0.5  # Å, floor of a target bond length
 _FALLBACK_RADIUS = 1.5  # Å, for elements without a tabulated covalent radius
-_IMAGES = np.array(list(product((-1, 0, 1), repeat=3)), dtype=float)  # 27 neighbouring cells
+_IMAGES = np.array(list(itertools.product((-1, 0, 1), repeat=3)), dtype=float)  # 27 neighbouring cells
 _ZERO_IMAGE = 13  # index of (0, 0, 0) in _IMAGES
 _COLLISION = 1e-3  # fractional distance below which two barycentric nodes coincide
 _MIN_SEPARATION = 0.5  # Å, closest approach of two decoded atoms (the structural-validity bound)
@@ -78,8 +80,13 @@ _SMALLEST_ANGLE_DEG = {2: 120.0, 3: 120.0, 4: 109.47, 5: 90.0, 6: 90.0, 7: 72.0,
 """Smallest bond angle of the ideal coordination polyhedron by coordination number (60° beyond)."""
 _NET_SYMPRECS = (0.01,)  # Å, tolerance for the exact symmetry of a barycentric placement
 _DETECT_SYMPRECS = (0.3, 0.1, 0.03)  # Å, tolerances tried when reading the symmetry of a plain-SLICES decode
+_PLACEMENT_MATCH = 1e-6  # fractional distance within which a mapped barycentric node lies on a node
 _MAX_AUTOMORPHISM_STEPS = 500
 _SYMMETRY_SEARCH_S = 1.0  # time budget of the backtracking automorphism searches per decode
+
+
+Action = tuple[list[int], np.ndarray]
+"""How an operation acts on the nodes: it maps node ``i`` onto node ``sigma[i]`` in the cell ``shifts[i]``."""
 
 
 @dataclass(frozen=True)
@@ -224,11 +231,7 @@ def min_separation(frac: np.ndarray, lat: np.ndarray) -> float:
 
 
 def separate_symmetric(
-    frac: np.ndarray,
-    metric: np.ndarray,
-    symops: Sequence[SymOp],
-    actions: Sequence[tuple[list[int], np.ndarray]],
-    rng: np.random.Generator,
+    frac: np.ndarray, metric: np.ndarray, rotations: np.ndarray, actions: Sequence[Action], rng: np.random.Generator
 ) -> np.ndarray:
     """Part atoms that a symmetrised placement put on one point by a random kick projected onto the operations.
 
@@ -239,7 +242,7 @@ def separate_symmetric(
     for scale in _SEPARATION_STEPS:
         if not has_collision(frac):
             break
-        frac, _ = symmetrize(frac + rng.normal(0.0, scale, frac.shape), metric, symops, actions)
+        frac, _ = symmetrize(frac + rng.normal(0.0, scale, frac.shape), metric, rotations, actions)
     return frac
 
 
@@ -408,32 +411,13 @@ def _maps_edges(graph: CrystalGraph, rotation: np.ndarray, sigma: Sequence[int],
     return images == set(graph.edges)
 
 
-def _automorphism_from_placement(
-    graph: CrystalGraph, rotation: np.ndarray, placement: np.ndarray
-) -> tuple[list[int], np.ndarray] | None:
-    """Automorphism with linear part ``rotation`` read off a barycentric placement, or None.
-
-    A barycentric placement is equivariant: an automorphism maps ``R x_i + tau`` onto ``x_sigma(i) +
-    s_i`` (``s_i`` integer), so trying each image of node 0 determines everything else.
-    """
-    species = np.array(graph.species)
-    mapped0 = placement @ rotation.T
-    for m in np.flatnonzero(species == species[0]):
-        moved = mapped0 + (placement[m] - mapped0[0])
-        diff = moved[:, None, :] - placement[None, :, :]
-        lattice_part = np.round(diff)
-        dist = np.linalg.norm(diff - lattice_part, axis=-1)
-        dist[species[:, None] != species[None, :]] = np.inf
-        sigma = np.argmin(dist, axis=1)
-        if np.max(dist[np.arange(len(sigma)), sigma]) > 1e-6 or len(set(sigma.tolist())) != len(sigma):
-            continue
-        shifts = lattice_part[np.arange(len(sigma)), sigma].astype(int)
-        if _maps_edges(graph, rotation, sigma, shifts):
-            return sigma.tolist(), shifts
-    return None
+def _automorphism_from_placement(graph: CrystalGraph, rotation: np.ndarray, placement: np.ndarray) -> Action | None:
+    """One action of an automorphism with linear part ``rotation`` read off the placement, or None."""
+    actions = placement_actions(graph, rotation, placement, limit=1)
+    return actions[0] if actions else None
 
 
-def _automorphism(graph: CrystalGraph, rotation: np.ndarray, deadline: float) -> tuple[list[int], np.ndarray] | None:
+def _automorphism(graph: CrystalGraph, rotation: np.ndarray, deadline: float) -> Action | None:
     """Node permutation and integer shifts realising ``rotation`` on the labelled graph, or None.
 
     Finds ``sigma, s`` with every edge ``(i, j, v)`` mapped to the edge ``(sigma i, sigma j, R v +
@@ -527,7 +511,7 @@ def graph_automorphisms(
     rotations: np.ndarray,
     time_limit_s: float = _SYMMETRY_SEARCH_S,
     placement: np.ndarray | None = None,
-) -> dict[int, tuple[list[int], np.ndarray]]:
+) -> dict[int, Action]:
     """Node permutation and shifts of an automorphism for each of ``rotations`` (n, 3, 3) that has one.
 
     For a connected 3-periodic graph. Exact from the barycentric placement when it puts no two nodes
@@ -565,25 +549,180 @@ def graph_automorphism_rotations(
 
 
 def net_symmetry(
-    graph: CrystalGraph, time_limit_s: float = _SYMMETRY_SEARCH_S
-) -> tuple[tuple[SymOp, ...], list[tuple[list[int], np.ndarray]]]:
-    """The point group of the net's automorphisms among the rotations SLICES-PLUS letters can write,
-    with their actions; empty if they do not close into a group (e.g. the search of a collided
-    placement ran out of ``time_limit_s``, see ``graph_automorphisms``).
+    graph: CrystalGraph, metric: np.ndarray | None = None, time_limit_s: float = _SYMMETRY_SEARCH_S
+) -> tuple[np.ndarray, list[Action]]:
+    """The point group of the net's automorphisms: rotations (K, 3, 3, integer, on the cell's fractional
+    coordinates) with their actions; empty if they do not close into a group.
 
-    Used for plain SLICES: it does not depend on a metric, unlike the symmetry spglib finds in a
-    placed crystal.
+    Used for plain SLICES, whose strings carry no operations. Rotations are searched among those the
+    SLICES-PLUS letters can write, in the cell's basis and in its LLL-reduced basis under ``metric``
+    (the cell's metric tensor in Å²; identity if None), whose rotations can have entries beyond ±1 in
+    the cell's basis. A placement that puts two nodes on one point is searched by backtracking in
+    the cell's basis until ``time_limit_s`` runs out (see ``graph_automorphisms``).
     """
     placement = barycentric_placement(graph)
     algebra = rotation_algebra()
-    found = graph_automorphisms(graph, algebra.matrices, time_limit_s, placement=placement)
-    numbers = frozenset(found)
-    if not numbers or algebra.closure(numbers) != numbers:
-        return (), []
-    ordered = sorted(numbers)
-    zero = (Fraction(0),) * 3
-    symops = tuple(SymOp(tuple(map(tuple, algebra.matrices[k].tolist())), zero) for k in ordered)  # type: ignore[arg-type]
-    return symops, [found[k] for k in ordered]
+    if has_collision(placement):
+        found = graph_automorphisms(graph, algebra.matrices, time_limit_s, placement=placement)
+        numbers = frozenset(found)
+        if not numbers or algebra.closure(numbers) != numbers:
+            return np.empty((0, 3, 3)), []
+        ordered = sorted(numbers)
+        return algebra.matrices[ordered].astype(float), [found[k] for k in ordered]
+    group: dict[bytes, tuple[np.ndarray, Action]] = {}
+    for basis in (np.eye(3), _reduced_basis(np.eye(3), np.eye(3) if metric is None else metric)):
+        rotations = np.round(basis @ algebra.matrices @ np.linalg.inv(basis))  # unimodular basis: integer
+        for k in np.flatnonzero(_maps_bond_vectors(graph, rotations, placement)):
+            _add_rotation(group, graph, rotations[k], placement)
+    grew = True
+    while grew and len(group) <= MAX_POINT_GROUP_ORDER:  # products of automorphisms are automorphisms
+        grew = False
+        for (r1, _), (r2, _) in itertools.product(list(group.values()), repeat=2):
+            grew |= _add_rotation(group, graph, r1 @ r2, placement)
+    if not group or len(group) > MAX_POINT_GROUP_ORDER:
+        return np.empty((0, 3, 3)), []
+    return np.array([rotation for rotation, _ in group.values()]), [action for _, action in group.values()]
+
+
+def _add_rotation(
+    group: dict[bytes, tuple[np.ndarray, Action]], graph: CrystalGraph, rotation: np.ndarray, placement: np.ndarray
+) -> bool:
+    """Add ``rotation`` (integer) with an action to ``group`` if it is new and acts on the net; whether it was added."""
+    key = rotation.astype(int).tobytes()
+    if key in group:
+        return False
+    actions = placement_actions(graph, rotation, placement, limit=1)
+    if actions:
+        group[key] = (rotation, actions[0])
+    return bool(actions)
+
+
+def _reduced_basis(basis: np.ndarray, metric: np.ndarray) -> np.ndarray:
+    """Columns: the LLL-reduced basis (pymatgen) of the lattice whose basis columns ``basis`` are given in
+    cell fractions, reduced under the cell's metric tensor ``metric`` (Å²)."""
+    mapping = Lattice(basis.T @ np.linalg.cholesky(metric).T).lll_mapping
+    return (np.round(mapping) @ basis.T).T
+
+
+@dataclass(frozen=True)
+class PrimitiveNet:
+    """The primitive quotient graph of a net whose cell holds several translation-equivalent copies of it.
+
+    ``basis``: columns, the primitive lattice vectors in the cell's fractions; node ``i`` of the cell's
+    graph is node ``representative[i]`` of ``graph`` moved by ``translation[i]`` (cell fractions).
+    """
+
+    graph: CrystalGraph
+    basis: np.ndarray
+    representative: tuple[int, ...]
+    translation: np.ndarray
+
+    def expand(self, lattice: np.ndarray, frac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cell lattice (rows, Å) and fractional positions of every cell node from a primitive embedding."""
+        cell_lattice = np.linalg.solve(self.basis.T, lattice)
+        return cell_lattice, frac[list(self.representative)] @ self.basis.T + self.translation
+
+
+def primitive_net(graph: CrystalGraph, metric: np.ndarray | None = None) -> PrimitiveNet | None:
+    """The net's primitive quotient graph when the cell is a supercell of the net (centred cells, e.g. a
+    hexagonal crystal in an orthohexagonal C cell), else None.
+
+    The net's translations are read off its barycentric placement (none when it puts two nodes on one
+    point); the primitive basis is LLL-reduced under ``metric`` (the cell's, Å²; identity if None), so
+    that the net's rotations are letter rotations in it (a hexagonal 6-fold has half-integer entries in
+    the orthohexagonal cell's basis).
+    """
+    placement = barycentric_placement(graph)
+    if has_collision(placement) or periodic_rank(graph) < 3:
+        return None
+    actions = placement_actions(graph, np.eye(3), placement)
+    if len(actions) < 2:
+        return None
+    translations = [placement[sigma[0]] + shifts[0] - placement[0] for sigma, shifts in actions]
+    basis = _primitive_basis(translations)
+    if basis is None:
+        return None
+    basis = _reduced_basis(basis, np.eye(3) if metric is None else metric)
+    orbit_root = [min(sigma[i] for sigma, _ in actions) for i in range(graph.num_nodes)]
+    roots = sorted(set(orbit_root))
+    representative = tuple(roots.index(root) for root in orbit_root)
+    translation = placement - placement[orbit_root]
+    inverse = np.linalg.inv(basis)
+    primitive = placement[roots] @ inverse.T
+    edges = set()
+    for i, j, *v in graph.edges:
+        offset = (placement[j] + np.array(v) - placement[i]) @ inverse.T - (
+            primitive[representative[j]] - primitive[representative[i]]
+        )
+        if np.abs(offset - np.round(offset)).max() > _PLACEMENT_MATCH:
+            return None
+        edges.add(orient_edge((representative[i], representative[j], *map(int, np.round(offset)))))
+    if len(edges) * len(actions) != len(graph.edges):
+        return None
+    species = tuple(graph.species[root] for root in roots)
+    return PrimitiveNet(CrystalGraph(species, tuple(sorted(edges))), basis, representative, translation)
+
+
+def _primitive_basis(translations: Sequence[np.ndarray]) -> np.ndarray | None:
+    """Columns: a basis of the lattice spanned by the cell's lattice vectors and ``translations`` (cell
+    fractions), or None when none is found among those vectors."""
+    wrapped = [t - np.floor(t + 1e-9) for t in translations]
+    candidates = [*np.eye(3), *(t for t in wrapped if np.linalg.norm(t) > 1e-9)]
+    for triple in itertools.combinations(candidates, 3):
+        if abs(abs(np.linalg.det(np.array(triple))) - 1.0 / len(translations)) < 1e-6:
+            return np.array(triple).T
+    return None
+
+
+def placement_actions(
+    graph: CrystalGraph, rotation: np.ndarray, placement: np.ndarray, limit: int | None = None
+) -> list[Action]:
+    """Every action (at most ``limit``) of an automorphism of the net with linear part ``rotation``
+    (cell basis, rational entries allowed), read off the barycentric ``placement`` (no two nodes on
+    one point); one per translation part modulo the cell's lattice.
+
+    The placement is equivariant: an automorphism maps ``R x_i + tau`` onto ``x_sigma(i) + s_i``, so
+    each image of node 0 fixes ``tau``. The operation must map every bond onto a bond; the far end of a
+    bond, ``R (x_j + v) + tau``, is located in the placement itself (``R v`` need not be a lattice
+    vector of the cell when the net has translations the cell lacks).
+    """
+    species = np.array(graph.species)
+    edges = np.array(graph.edges, dtype=int).reshape(-1, 5)
+    edge_set = set(graph.edges)
+    mapped = placement @ rotation.T
+    found = []
+    for m in np.flatnonzero(species == species[0]):
+        moved = mapped + (placement[m] - mapped[0])
+        nodes = _locate(moved, species, placement, species)
+        if nodes is None or len(set(nodes[0].tolist())) != len(nodes[0]):
+            continue
+        sigma, shifts = nodes
+        ends = _locate(moved[edges[:, 1]] + edges[:, 2:] @ rotation.T, species[edges[:, 1]], placement, species)
+        if ends is None:
+            continue
+        start = sigma[edges[:, 0]]
+        cells = ends[1] - shifts[edges[:, 0]]
+        images = {orient_edge((int(a), int(b), *map(int, c))) for a, b, c in zip(start, ends[0], cells)}
+        if images == edge_set:
+            found.append((sigma.tolist(), shifts))
+            if len(found) == limit:
+                break
+    return found
+
+
+def _locate(
+    points: np.ndarray, point_species: np.ndarray, placement: np.ndarray, species: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Node and integer cell of every point, if each lies on a placed node of its species."""
+    diff = points[:, None, :] - placement[None, :, :]
+    cells = np.round(diff)
+    dist = np.linalg.norm(diff - cells, axis=-1)
+    dist[point_species[:, None] != species[None, :]] = np.inf
+    nodes = np.argmin(dist, axis=1)
+    rows = np.arange(len(points))
+    if np.max(dist[rows, nodes]) > _PLACEMENT_MATCH:
+        return None
+    return nodes, cells[rows, nodes].astype(int)
 
 
 def _bfs_order(incident: list[list[tuple[int, np.ndarray]]], n: int) -> list[tuple[int, int | None, np.ndarray]]:
@@ -614,7 +753,7 @@ def _closed(rotations: Sequence[np.ndarray]) -> bool:
 
 def symmetry_actions(
     graph: CrystalGraph, symops: Sequence[SymOp], deadline: float, strict: bool
-) -> tuple[tuple[SymOp, ...], list[tuple[list[int], np.ndarray]]]:
+) -> tuple[tuple[SymOp, ...], list[Action]]:
     """The operations that act on the graph, each with its node permutation and shifts.
 
     An operation that is not an automorphism of the labelled graph raises ``SymmetryMismatchError``
@@ -623,7 +762,7 @@ def symmetry_actions(
     """
     placement = barycentric_placement(graph)
     search_deadline = min(deadline, time.monotonic() + _SYMMETRY_SEARCH_S)
-    found: dict[bytes, tuple[list[int], np.ndarray]] = {}
+    found: dict[bytes, Action] = {}
     rotations = [op.matrices()[0] for op in symops]
     for rotation in rotations:
         key = rotation.tobytes()
@@ -636,7 +775,7 @@ def symmetry_actions(
             found[key] = action
             _close_under_products(found, {r.tobytes() for r in rotations})
     kept: list[SymOp] = []
-    actions: list[tuple[list[int], np.ndarray]] = []
+    actions: list[Action] = []
     for k, (op, rotation) in enumerate(zip(symops, rotations)):
         if rotation.tobytes() not in found:
             message = f"operation {k} ({' '.join(op.tokens())}) is not an automorphism of the crystal graph"
@@ -652,7 +791,7 @@ def symmetry_actions(
     return tuple(kept), actions
 
 
-def _close_under_products(found: dict[bytes, tuple[list[int], np.ndarray]], wanted: set[bytes]) -> None:
+def _close_under_products(found: dict[bytes, Action], wanted: set[bytes]) -> None:
     """Add to ``found`` every wanted rotation that is a product of found ones, with its composed action.
 
     ``(R1, sigma1, s1) o (R2, sigma2, s2)`` maps node ``i`` to ``sigma1(sigma2(i))`` with shift
@@ -677,7 +816,7 @@ def _close_under_products(found: dict[bytes, tuple[list[int], np.ndarray]], want
 
 def _action_from_geometry(
     graph: CrystalGraph, frac: np.ndarray, lat: np.ndarray, rotation: np.ndarray, translation: np.ndarray, tol: float
-) -> tuple[list[int], np.ndarray] | None:
+) -> Action | None:
     """Node permutation and shifts of an operation read off positions (within ``tol`` Å), if it maps the graph."""
     species = np.array(graph.species)
     moved = frac @ rotation.T + translation
@@ -695,7 +834,7 @@ def _action_from_geometry(
 
 def detect_symmetry(
     graph: CrystalGraph, frac: np.ndarray, lat: np.ndarray, symprecs: Sequence[float] = _DETECT_SYMPRECS
-) -> tuple[tuple[SymOp, ...], list[tuple[list[int], np.ndarray]]]:
+) -> tuple[np.ndarray, list[Action]]:
     """Operations of a decoded crystal (spglib, loosest tolerance first) that are also graph automorphisms.
 
     Used for plain SLICES, whose strings carry no operations: the net's own symmetry, blurred by the
@@ -707,27 +846,28 @@ def detect_symmetry(
             ops = SpacegroupAnalyzer(structure, symprec=symprec).get_symmetry_operations()
         except (TypeError, ValueError):
             continue
-        found = []
+        rotations, actions = [], []
         for op in ops:
             rotation = np.round(op.rotation_matrix).astype(int)
             action = _action_from_geometry(graph, frac, lat, rotation, op.translation_vector, 2 * symprec)
             if action is None:
                 break
-            found.append((SymOp(tuple(map(tuple, rotation.tolist())), (Fraction(0),) * 3), action))  # type: ignore[arg-type]
+            rotations.append(rotation)
+            actions.append(action)
         else:
-            return tuple(op for op, _ in found), [action for _, action in found]
-    return (), []
+            return np.array(rotations, dtype=float).reshape(-1, 3, 3), actions
+    return np.empty((0, 3, 3)), []
 
 
 def symmetrize(
-    frac: np.ndarray, metric: np.ndarray, symops: Sequence[SymOp], actions: Sequence[tuple[list[int], np.ndarray]]
+    frac: np.ndarray, metric: np.ndarray, rotations: np.ndarray, actions: Sequence[Action]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Project positions and metric onto the operations (Reynolds average over the group).
+    """Project positions and metric onto the operations (Reynolds average over the group): ``rotations``
+    (K, 3, 3) on fractional coordinates and their actions, one per operation modulo the lattice.
 
     The translation of each operation is re-estimated from the positions, so the result has the
     decoded operations up to a shift of origin.
     """
-    rotations = [op.matrices()[0] for op in symops]
     metric = sum(r.T @ metric @ r for r in rotations) / len(rotations)
     for _ in range(2):
         images = np.zeros_like(frac)
@@ -757,37 +897,24 @@ def _minimise(
 def embed(
     graph: CrystalGraph, symops: Sequence[SymOp] = (), params: EmbeddingParams = EmbeddingParams()
 ) -> Structure:
-    """A crystal whose bonded net is ``graph`` (and, if given, with the operations' point group)."""
+    """A crystal whose bonded net is ``graph`` (and, if given, with the operations' point group).
+
+    Without operations, a cell that holds several translation-equivalent copies of the net (a centred
+    or supercell setting) is decoded through the primitive net (``primitive_net``) and expanded back,
+    so the net's full symmetry, also rotations the cell's basis cannot write, is imposed.
+    """
     deadline = time.monotonic() + params.time_limit_s
     bonded = {k for e in graph.edges for k in e[:2]}
     if len(bonded) < graph.num_nodes:
         raise EmbeddingError(f"nodes {sorted(set(range(graph.num_nodes)) - bonded)} have no bonds")
-    rng = np.random.default_rng(params.seed)
     try:
-        symops, actions = symmetry_actions(graph, symops, deadline, params.strict_symmetry)
-        frac = initial_positions(graph, rng)
-        objective = _Objective(graph, params, deadline)
-        metric = initial_metric(graph, frac, objective.targets, 1.5 * objective.volume0)
-        if not symops and params.detect_symmetry:  # plain SLICES: the net's own symmetry
-            symops, actions = net_symmetry(graph, min(_SYMMETRY_SEARCH_S, deadline - time.monotonic()))
-            if not symops:
-                symops, actions = detect_symmetry(graph, frac, np.linalg.cholesky(metric), _NET_SYMPRECS)
-        if symops:
-            frac, metric = symmetrize(frac, metric, symops, actions)
-            frac = separate_symmetric(frac, metric, symops, actions, rng)
-            objective.symmetry = (
-                np.array([op.matrices()[0] for op in symops], dtype=float),
-                np.array([sigma for sigma, _ in actions], dtype=int),
-            )
-        lat, frac = _minimise(objective, np.linalg.cholesky(metric), frac, params)
-        if not symops and params.detect_symmetry:  # symmetry blurred by a repaired placement
-            symops, actions = detect_symmetry(graph, frac, lat)
-            if len(symops) > 1:
-                frac, metric = symmetrize(frac, lat @ lat.T, symops, actions)
-                lat, frac = _minimise(objective, np.linalg.cholesky(metric), frac, replace(params, refinements=0))
-        if symops:
-            frac, metric = symmetrize(frac, lat @ lat.T, symops, actions)
-            lat = np.linalg.cholesky(metric)
+        primitive = None
+        if not symops and params.detect_symmetry:
+            primitive = primitive_net(graph, _guess_metric(graph))
+        if primitive is not None:
+            lat, frac = primitive.expand(*_place(primitive.graph, (), params, deadline))
+        else:
+            lat, frac = _place(graph, symops, params, deadline)
     except _Timeout:
         raise DecodeTimeoutError(f"embedding exceeded its time box of {params.time_limit_s} s") from None
     except np.linalg.LinAlgError as err:
@@ -802,6 +929,43 @@ def embed(
         raise EmbeddingError(f"two atoms end {closest:.2f} Å apart (below {_MIN_SEPARATION} Å)")
     wrapped, _ = shift_gauge(frac)
     return Structure(Lattice(lat), list(graph.species), wrapped)
+
+
+def _guess_metric(graph: CrystalGraph) -> np.ndarray:
+    """The initial metric tensor (Å²) of the barycentric placement, before any optimisation."""
+    radii = np.array([bond_radius(s) for s in graph.species])
+    volume = 1.5 * float(np.sum(4.0 / 3.0 * np.pi * radii**3))
+    return initial_metric(graph, barycentric_placement(graph), bond_targets(graph), volume)
+
+
+def _place(
+    graph: CrystalGraph, symops: Sequence[SymOp], params: EmbeddingParams, deadline: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lattice (rows, Å) and fractional positions (in the gauge of the graph's offsets) of the embedding."""
+    rng = np.random.default_rng(params.seed)
+    kept, actions = symmetry_actions(graph, symops, deadline, params.strict_symmetry)
+    rotations = np.array([op.matrices()[0] for op in kept], dtype=float).reshape(-1, 3, 3)
+    frac = initial_positions(graph, rng)
+    objective = _Objective(graph, params, deadline)
+    metric = initial_metric(graph, frac, objective.targets, 1.5 * objective.volume0)
+    if not len(rotations) and params.detect_symmetry:  # plain SLICES: the net's own symmetry
+        rotations, actions = net_symmetry(graph, metric, min(_SYMMETRY_SEARCH_S, deadline - time.monotonic()))
+        if not len(rotations):
+            rotations, actions = detect_symmetry(graph, frac, np.linalg.cholesky(metric), _NET_SYMPRECS)
+    if len(rotations):
+        frac, metric = symmetrize(frac, metric, rotations, actions)
+        frac = separate_symmetric(frac, metric, rotations, actions, rng)
+        objective.symmetry = (rotations, np.array([sigma for sigma, _ in actions], dtype=int))
+    lat, frac = _minimise(objective, np.linalg.cholesky(metric), frac, params)
+    if not len(rotations) and params.detect_symmetry:  # symmetry blurred by a repaired placement
+        rotations, actions = detect_symmetry(graph, frac, lat)
+        if len(rotations) > 1:
+            frac, metric = symmetrize(frac, lat @ lat.T, rotations, actions)
+            lat, frac = _minimise(objective, np.linalg.cholesky(metric), frac, replace(params, refinements=0))
+    if len(rotations):
+        frac, metric = symmetrize(frac, lat @ lat.T, rotations, actions)
+        lat = np.linalg.cholesky(metric)
+    return lat, frac
 
 
 RETRY_VARIANTS: tuple[dict[str, float], ...] = (

@@ -71,22 +71,32 @@ class RotationAlgebra:
             group = sorted(grown)
 
 
-def _matrix_codes(matrices: np.ndarray) -> np.ndarray:
-    """Base-3 code of integer matrices with entries in {-1, 0, 1}; -1 for any other matrix."""
-    flat = matrices.reshape(*matrices.shape[:-2], 9).astype(np.int64)
-    codes = ((flat + 1) * 3 ** np.arange(9)).sum(axis=-1)
-    return np.where(np.abs(flat).max(axis=-1) <= 1, codes, -1)
+_PRODUCT_BASE = 7
+"""Entries of a product of two letter rotations lie in [-3, 3]: base-7 digits code any such matrix uniquely."""
+
+
+def _codes(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Base-7 code of every product ``left[a] @ right[b]`` (a, b), without forming the products.
+
+    ``sum_ik (P_ik + 3) 7^(3i+k)`` with ``P = L R`` is ``const + sum_j u_a[j] v_b[j]``, where
+    ``u_a[j] = sum_i L_a[i, j] 7^(3i)`` and ``v_b[j] = sum_k R_b[j, k] 7^k``: one (n, 3) @ (3, m) product.
+    """
+    powers = _PRODUCT_BASE ** np.arange(9, dtype=np.int64).reshape(3, 3)
+    u = np.einsum("aij,i->aj", left.astype(np.int64), powers[:, 0])
+    v = np.einsum("bjk,k->bj", right.astype(np.int64), powers[0])
+    return 3 * powers.sum() + u @ v.T
 
 
 @functools.cache
 def rotation_algebra() -> RotationAlgebra:
     """The ``RotationAlgebra`` of the SLICES-PLUS letters (1,584 finite-order rotations)."""
     triples = tuple(sorted(finite_rotation_triples()))
-    matrices = np.array([[ROTATION_ROWS[a] for a in t] for t in triples], dtype=np.int8)
-    lookup = np.full(3 ** 9, -1, dtype=np.int16)
-    lookup[_matrix_codes(matrices)] = np.arange(len(triples))
-    codes = _matrix_codes(np.matmul(matrices[:, None], matrices[None, :]))
-    product = np.where(codes >= 0, lookup[np.maximum(codes, 0)], -1).astype(np.int16)
+    matrices = np.array([[ROTATION_ROWS[a] for a in t] for t in triples], dtype=np.int64)
+    own = _codes(matrices, np.eye(3, dtype=np.int64)[None])[:, 0]  # each rotation's own code (R @ I)
+    order = np.argsort(own)
+    codes = _codes(matrices, matrices)
+    slot = np.clip(np.searchsorted(own[order], codes), 0, len(order) - 1)
+    product = np.where(own[order][slot] == codes, order[slot], -1).astype(np.int16)
     return RotationAlgebra(triples, {t: k for k, t in enumerate(triples)}, matrices.astype(int), product)
 
 
