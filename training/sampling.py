@@ -1,7 +1,8 @@
-"""Sampling crystals from a Wyckoff model: prompts, batched grammar-constrained generation, and CSP.
+"""Sampling crystals: batched grammar-constrained generation from a Wyckoff model or a MatterGPT, and CSP.
 
-``generate_crystals`` runs ``model.generate`` in batches (grammar on by default) and decodes every
-sample to a ``Structure`` or the reason it is not one. ``predict_structures`` is crystal-structure
+``generate_crystals`` (WyckoffGPT, conditions as prompt text) and ``generate_graph_crystals`` (MatterGPT
+on SLICES(-PLUS) strings, conditions as ``generate`` keyword arguments) run ``model.generate`` in
+batches (grammar on by default) and decode every sample to a ``Structure`` or the reason it is not one. ``predict_structures`` is crystal-structure
 prediction (CSP) as in DiffCSP++ / Uni-MDM: prompt with a crystal's composition (and with ``template``
 its space group and occupied Wyckoff orbits), sample k completions and compare them with the true
 structure using ``StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)``; a crystal is matched when any
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from crystal_tokenizers.wyckoff.grammar import (
     DEFAULT_MAX_ORBITS,
     MAX_ORBIT_TOKENS,
 )
+from crystal_tokenizers.wyckoff.orbits import CRYSTAL_SYSTEMS
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +129,70 @@ def generate_crystals(
     return results
 
 
+def describe_conditions(crystal_system: str | None, properties: Mapping[str, float] | None) -> str:
+    """``"crystal_system=cubic band_gap=1.5"``: the conditions of a MatterGPT sample as text ("" for none)."""
+    items = ([f"crystal_system={crystal_system}"] if crystal_system else []) + [
+        f"{name}={value:g}" for name, value in (properties or {}).items()
+    ]
+    return " ".join(items)
+
+
+@torch.no_grad()
+def generate_graph_crystals(
+    model: Any,
+    tokenizer: Any,
+    n: int,
+    *,
+    crystal_system: str | None = None,
+    properties: Mapping[str, float] | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    batch_size: int = 64,
+    grammar: bool = True,
+    progress: Progress | None = None,
+) -> list[GeneratedCrystal]:
+    """Sample ``n`` SLICES(-PLUS) crystals from a MatterGPT under the given conditions, in batches.
+
+    ``crystal_system``: a name of ``CRYSTAL_SYSTEMS`` (None: unconditioned); ``properties``: values in the
+    units of the model's ``property_names`` (the others unconditioned). ``grammar`` adds
+    ``tokenizer.grammar_processor`` (parsable strings with a connected 3-periodic graph and, for
+    SLICES-PLUS, a point group of the graph's automorphisms). Sequences end at ``config.n_positions``.
+    """
+    from training.finetune import condition_tensors
+
+    progress = progress or _no_progress
+    system = None if crystal_system is None else CRYSTAL_SYSTEMS.index(crystal_system)
+    prompt = describe_conditions(crystal_system, properties)
+    max_length = model.config.n_positions
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    results: list[GeneratedCrystal] = []
+    for size in progress(sizes, len(sizes)):
+        kwargs: dict[str, Any] = {}
+        if system is not None:
+            kwargs["crystal_system"] = torch.full((size,), system, device=model.device)
+        if properties:
+            values, mask = condition_tensors(model.config, properties, size)
+            kwargs["properties"], kwargs["property_mask"] = values.to(model.device), mask.to(model.device)
+        if grammar:
+            kwargs["logits_processor"] = [tokenizer.grammar_processor(max_length=max_length)]
+        sequences = model.generate(
+            torch.full((size, 1), tokenizer.bos_token_id, device=model.device),
+            attention_mask=torch.ones(size, 1, dtype=torch.long, device=model.device),
+            do_sample=True, temperature=temperature, top_k=top_k, max_length=max_length,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs,
+        ).cpu()
+        for ids, decoded in zip(sequences.tolist(), tokenizer.decode_structures(sequences)):
+            try:
+                text = tokenizer.ids_to_text(ids)
+            except CrystalDecodeError:
+                text = ""
+            if isinstance(decoded, CrystalDecodeError):
+                results.append(GeneratedCrystal(prompt, text, None, f"{type(decoded).__name__}: {decoded}"))
+            else:
+                results.append(GeneratedCrystal(prompt, text, decoded, None))
+    return results
+
+
 def csp_prompt(tokenizer: Any, crystal: codec.WyckoffCrystal, template: bool = False) -> str:
     """Composition prompt of ``crystal`` (conventional-cell counts); ``template`` adds its group and orbits."""
     prompt = tokenizer.condition_prefix(composition=crystal.composition())
@@ -216,8 +282,10 @@ __all__ = [
     "best_rms",
     "csp_prompt",
     "default_max_new_tokens",
+    "describe_conditions",
     "encode_prompts",
     "generate_crystals",
+    "generate_graph_crystals",
     "predict_structures",
     "sequence_text",
 ]

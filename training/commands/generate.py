@@ -1,4 +1,9 @@
-"""``crystal-lm generate``: sample crystals from a Wyckoff model and write them as CIF files."""
+"""``crystal-lm generate``: sample crystals from a WyckoffGPT or a MatterGPT and write them as CIF files.
+
+The model folder's tokenizer decides: a Wyckoff tokenizer takes its conditions as prompt text
+(``--crystal-system``, ``--space-group``, ``--elements``, ``--composition``); a SLICES-PLUS tokenizer
+(MatterGPT) takes ``--crystal-system`` and ``--property NAME=VALUE`` as ``generate`` keyword arguments.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-HELP = "Sample crystals from a Wyckoff model (grammar-constrained), write CIFs and print counts."
+HELP = "Sample crystals from a WyckoffGPT or MatterGPT (grammar-constrained), write CIFs and print counts."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space-group", type=int, help="condition: space-group number 1-230")
     parser.add_argument("--elements", help="condition: chemical system, e.g. Li,Fe,O")
     parser.add_argument("--composition", help="condition: conventional-cell counts, e.g. Na:4,Cl:4")
+    parser.add_argument("--property", action="append", default=[], metavar="NAME=VALUE",
+                        help="MatterGPT condition in the model's units, e.g. formation_energy_per_atom=-2.0 (repeatable)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (tokens and values)")
+    parser.add_argument("--top-k", type=int, default=50, help="MatterGPT: sample among the k likeliest tokens")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-grammar", action="store_true", help="sample without the grammar constraint")
     parser.add_argument("--seed", type=int, default=0)
@@ -41,40 +49,89 @@ def parse_composition(text: str) -> dict[str, int]:
     return counts
 
 
+def parse_properties(items: list[str]) -> dict[str, float]:
+    """``["band_gap=1.5"]`` -> ``{"band_gap": 1.5}``."""
+    values = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--property {item!r} is not NAME=VALUE") from None
+    return values
+
+
+def sampler(args: argparse.Namespace, model, tokenizer):
+    """``(sample(size, progress) -> list[GeneratedCrystal], prompt text)`` for the model's kind."""
+    from crystal_tokenizers import CRYSTAL_SYSTEMS
+    from training.sampling import describe_conditions, generate_crystals, generate_graph_crystals
+
+    if hasattr(tokenizer, "condition_prefix"):  # Wyckoff: conditions are prompt text
+        if args.property:
+            raise argparse.ArgumentTypeError("--property conditions a MatterGPT; this is a Wyckoff model")
+        prompt = tokenizer.condition_prefix(
+            crystal_system=args.crystal_system, space_group=args.space_group,
+            elements=args.elements.split(",") if args.elements else None,
+            composition=parse_composition(args.composition) if args.composition else None,
+        )
+
+        def sample(size, progress=None):
+            return generate_crystals(model, tokenizer, [prompt] * size, temperature=args.temperature,
+                                     batch_size=args.batch_size, grammar=not args.no_grammar, progress=progress)
+
+        return sample, prompt
+    given = [flag for flag, value in (("--space-group", args.space_group), ("--elements", args.elements),
+                                       ("--composition", args.composition)) if value]
+    if given:
+        raise argparse.ArgumentTypeError(f"{', '.join(given)} condition a Wyckoff model; this is a MatterGPT")
+    if args.crystal_system and args.crystal_system not in CRYSTAL_SYSTEMS:
+        raise argparse.ArgumentTypeError(f"--crystal-system {args.crystal_system!r} is not one of {CRYSTAL_SYSTEMS}")
+    properties = parse_properties(args.property)
+    unknown = sorted(set(properties) - set(model.config.property_names))
+    if unknown:
+        known = list(model.config.property_names)
+        raise argparse.ArgumentTypeError(f"the model has no condition {unknown}; it knows {known}")
+
+    def sample(size, progress=None):
+        return generate_graph_crystals(
+            model, tokenizer, size, crystal_system=args.crystal_system, properties=properties,
+            temperature=args.temperature, top_k=args.top_k, batch_size=args.batch_size,
+            grammar=not args.no_grammar, progress=progress,
+        )
+
+    return sample, describe_conditions(args.crystal_system, properties)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.evaluate import is_structurally_valid
-    from training.sampling import generate_crystals
 
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
-    prompt = tokenizer.condition_prefix(
-        crystal_system=args.crystal_system, space_group=args.space_group,
-        elements=args.elements.split(",") if args.elements else None,
-        composition=parse_composition(args.composition) if args.composition else None,
-    )
+    try:
+        sample, prompt = sampler(args, model, tokenizer)
+    except (argparse.ArgumentTypeError, ValueError) as err:
+        print(f"crystal-lm generate: {err}", file=sys.stderr)
+        return 2
 
     def progress(iterable, total):
         return tqdm(iterable, total=total, desc="batches", file=sys.stderr)
 
     if args.keep:
-        return _run_ranked(args, model, tokenizer, prompt, progress)
-    samples = generate_crystals(
-        model, tokenizer, [prompt] * args.n, temperature=args.temperature, batch_size=args.batch_size,
-        grammar=not args.no_grammar, progress=progress,
-    )
+        return _run_ranked(args, sample, prompt, progress)
+    samples = sample(args.n, progress)
     decoded = [s for s in samples if s.structure is not None]
     valid = sum(is_structurally_valid(s.structure) for s in decoded)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        for index, sample in enumerate(samples):
-            if sample.structure is not None:
-                sample.structure.to(filename=str(out / f"sample_{index:05d}.cif"))
+        for index, crystal in enumerate(samples):
+            if crystal.structure is not None:
+                crystal.structure.to(filename=str(out / f"sample_{index:05d}.cif"))
     counts = {"sampled": len(samples), "decoded": len(decoded), "valid": valid, "prompt": prompt}
     print(f"sampled {counts['sampled']}  decoded {counts['decoded']}  valid {counts['valid']}  (prompt: {prompt})")
     if args.json:
@@ -82,20 +139,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_ranked(args: argparse.Namespace, model, tokenizer, prompt: str, progress) -> int:
+def _run_ranked(args: argparse.Namespace, sample, prompt: str, progress) -> int:
     """Sample ``--n`` crystals in batches, stream them to ``--out``, keep the ``--keep`` best by the predictor."""
     from training.predictors import load_predictor
     from training.ranking import generate_ranked
-    from training.sampling import generate_crystals
 
     if not (args.rank_by and args.target is not None and args.predictor and args.out):
         print("crystal-lm generate: --keep needs --rank-by, --target, --predictor and --out", file=sys.stderr)
         return 2
 
     def sample_fn(size: int):
-        samples = generate_crystals(model, tokenizer, [prompt] * size, temperature=args.temperature,
-                                    batch_size=size, grammar=not args.no_grammar)
-        return [sample.structure for sample in samples]
+        return [crystal.structure for crystal in sample(size)]
 
     result = generate_ranked(sample_fn, load_predictor(args.predictor), n=args.n, keep=args.keep, target=args.target,
                              batch_size=args.batch_size, out_dir=args.out, progress=progress)
