@@ -49,7 +49,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OUT_DIR = Path(__file__).resolve().parents[1] / "outputs" / "mattergpt_experiments"
 JUDGE_SYMPREC = 0.1
 """spglib tolerance (Å) for crystal-system labels and for judging generated crystals (house convention)."""
-MODEL_SIZE = dict(n_layer=3, n_head=4, n_embd=128, n_inner=512)
+MODEL_SIZE = {"n_layer": 3, "n_head": 4, "n_embd": 128, "n_inner": 512}
 """Blocks per flow, heads, width, feed-forward width: far below the paper's 8/8/512/2048, to fit shared CPUs."""
 
 
@@ -353,7 +353,8 @@ def train_generator(
 
     Dropout is off (a run of a few epochs under-fits); condition dropout stays at its default 0.1.
     ``init_from``: continue training a saved generator (same pool, so the same Ef normalisation) instead
-    of starting from random weights. ``save_to``: the generator is saved there every 10 minutes of training.
+    of starting from random weights. ``save_to``: the generator is saved there (with the tokenizer, so the
+    folder loads with the Auto classes and ``crystal-lm generate``) every 10 minutes of training.
     """
     ids = token_ids(tokenizer, pool.text.tolist())
     keep = [i for i, seq in enumerate(ids) if len(seq) <= max_len]
@@ -374,9 +375,14 @@ def train_generator(
         return model(batch_ids, attention_mask=mask, labels=labels, crystal_system=systems[batch],
                      properties=energy[batch]).loss
 
-    checkpoint = (lambda: model.save_pretrained(save_to)) if save_to is not None else None
+    def checkpoint() -> None:
+        model.save_pretrained(save_to)
+        tokenizer.save_pretrained(save_to)
+
     stats = train_budgeted(model, [len(s) for s in ids], step_loss, budget_s, max_tokens=6144, lr=lr,
-                           schedule=schedule, checkpoint=checkpoint)
+                           schedule=schedule, checkpoint=checkpoint if save_to is not None else None)
+    if save_to is not None:
+        checkpoint()
     return model, stats, len(pool) - len(keep)
 
 
@@ -464,6 +470,28 @@ def written_symmetry(text: str, tokenizer: SlicesPlusTokenizer) -> tuple[int | N
     return (POINT_GROUP_SYSTEMS[number - 1] if number else None), len(symops)
 
 
+@torch.no_grad()
+def operations_nll(model: MatterGPTForCausalLM, tokenizer: SlicesPlusTokenizer, rows: pd.DataFrame) -> dict:
+    """Mean NLL (nats per string) of the symmetry-operation tokens of ``rows`` under their own crystal
+    system and under each other one (formation energy given): how strongly the crystal-system condition
+    shapes the written operations, on strings the generator never saw."""
+    true_nll, other_nll = [], []
+    for text, system, energy in zip(rows.text, rows.crystal_system, rows.formation_energy_per_atom):
+        ids = torch.tensor(token_ids(tokenizer, [text]))
+        n_ops = 6 * len(tokenizer.string_to_record(text).symops)
+        if not n_ops or ids.shape[1] > model.config.n_positions:
+            continue
+        systems = torch.arange(len(CRYSTAL_SYSTEMS))
+        logits = model(ids.expand(len(systems), -1), crystal_system=systems,
+                       properties=torch.full((len(systems), 1), float(energy))).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:].expand(len(systems), -1),
+                                                reduction="none")[:, -1 - n_ops:-1].sum(-1)
+        true_nll.append(float(nll[system]))
+        other_nll.append(float(torch.cat([nll[:system], nll[system + 1:]]).mean()))
+    return {"strings": len(true_nll), "true_crystal_system": round(statistics.mean(true_nll), 2),
+            "other_crystal_systems": round(statistics.mean(other_nll), 2)}
+
+
 def judge(texts: Sequence[str], tokenizer: SlicesPlusTokenizer) -> list[dict]:
     """Decode each string (SLICES-PLUS decoder); crystal system by spglib (symprec 0.1); re-encoded text;
     crystal system of the written operations and their number."""
@@ -502,10 +530,10 @@ def generate(args: argparse.Namespace) -> dict:
     else:
         generator, gen_stats, dropped = train_generator(tokenizer, generator_part, args.budget_s, args.max_len, args.lr,
                                                         args.schedule, args.init_from, save_to=OUT_DIR / "generator")
-        generator.save_pretrained(OUT_DIR / "generator")
         predictor, pred_stats = train_predictor(tokenizer, predictor_train, mean, std, args.predictor_budget_s,
                                                 args.max_len)
         predictor.save_pretrained(OUT_DIR / "predictor")
+        tokenizer.save_pretrained(OUT_DIR / "predictor")
         results.update({"generator_dropped_longer_than_max_len": dropped, "generator_lr": args.lr,
                         "generator_schedule": args.schedule,
                         "generator_init_from": str(args.init_from) if args.init_from else None,
@@ -515,6 +543,8 @@ def generate(args: argparse.Namespace) -> dict:
         float((predicted_val - torch.tensor(predictor_val.formation_energy_per_atom.to_numpy())).abs().mean()), 3
     )
     results["generator_part_median_ef"] = round(float(generator_part.formation_energy_per_atom.median()), 3)
+    results["operations_nll_unseen_strings"] = operations_nll(generator, tokenizer, predictor_val)
+    log(f"operations NLL on unseen strings: {results['operations_nll_unseen_strings']}")
     results["crystal_system_targets"], results["formation_energy_targets"] = {}, {}
 
     def predicted_ef(texts: Sequence[str]) -> list[float]:
