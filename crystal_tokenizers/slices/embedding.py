@@ -678,13 +678,12 @@ def placement_actions(
     graph: CrystalGraph, rotation: np.ndarray, placement: np.ndarray, limit: int | None = None
 ) -> list[Action]:
     """Every action (at most ``limit``) of an automorphism of the net with linear part ``rotation``
-    (cell basis, rational entries allowed), read off the barycentric ``placement`` (no two nodes on
-    one point); one per translation part modulo the cell's lattice.
+    (integer, cell basis), read off the barycentric ``placement`` (no two nodes on one point); one per
+    translation part modulo the cell's lattice (for the identity: the net's own translations).
 
     The placement is equivariant: an automorphism maps ``R x_i + tau`` onto ``x_sigma(i) + s_i``, so
-    each image of node 0 fixes ``tau``. The operation must map every bond onto a bond; the far end of a
-    bond, ``R (x_j + v) + tau``, is located in the placement itself (``R v`` need not be a lattice
-    vector of the cell when the net has translations the cell lacks).
+    each image of node 0 fixes ``tau``; the operation must also map every bond ``(i, j, v)`` onto a
+    bond, its far end ``R (x_j + v) + tau`` being located in the placement.
     """
     species = np.array(graph.species)
     edges = np.array(graph.edges, dtype=int).reshape(-1, 5)
