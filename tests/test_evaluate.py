@@ -24,6 +24,7 @@ from training.evaluate import (
     is_structurally_valid,
     normalize_crystal_system,
     spacegroup_number,
+    structures_match,
     write_report,
 )
 from training.io import read_structures
@@ -160,6 +161,21 @@ def test_composition_prefilter_gives_the_same_classes_as_plain_grouping(sample_s
     labels = duplicate_of(crystals)
     assert labels[40:] == [0, 1, 2, 3, 4]
     assert sum(label is None for label in labels) == len(StructureMatcher().group_structures(crystals))
+
+
+def test_a_match_in_either_order_counts(sample: pd.DataFrame) -> None:
+    """StructureMatcher fits this generated cubic LiHg3 (BiF3 type) to MP-20's tetragonal mp-1185337 only
+    with the generated crystal first; novelty and uniqueness must not depend on the order."""
+    reference = Structure.from_str(sample.set_index("material_id").cif["mp-1185337"], fmt="cif")
+    generated = Structure.from_spacegroup(
+        "Fm-3m", Lattice.cubic(6.7427), ["Li", "Hg", "Hg"], [[0, 0, 0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]
+    )
+    matcher = StructureMatcher()
+    assert matcher.fit(generated, reference) and not matcher.fit(reference, generated)
+    assert structures_match(matcher, reference, generated)
+    assert is_novel([generated], [reference]) == [False]
+    assert duplicate_of([reference, generated]) == [None, 0]
+    assert duplicate_of([generated, reference]) == [None, 0]
 
 
 def test_novelty_against_the_training_rows(sample: pd.DataFrame, sample_structures: list[Structure]) -> None:

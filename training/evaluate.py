@@ -170,6 +170,16 @@ def _composition_key(structure: Structure) -> str:
 # Set metrics
 
 
+def structures_match(matcher: StructureMatcher, a: Structure, b: Structure) -> bool:
+    """True if ``matcher`` fits ``a`` to ``b`` in either order.
+
+    ``StructureMatcher.fit`` is not symmetric (its supercell search and its site tolerance depend on which
+    structure comes first), and its ``symmetric=True`` asks for a fit in both orders. Uniqueness and
+    novelty take a fit in either order as a match, so they are never overstated.
+    """
+    return bool(matcher.fit(a, b) or matcher.fit(b, a))
+
+
 def duplicate_of(structures: Sequence[Structure], matcher: StructureMatcher | None = None) -> list[int | None]:
     """For each structure, the index of an earlier structure it matches, or None if it is the first of its kind.
 
@@ -184,7 +194,8 @@ def duplicate_of(structures: Sequence[Structure], matcher: StructureMatcher | No
     for members in groups.values():
         representatives: list[int] = []
         for index in members:
-            match = next((rep for rep in representatives if matcher.fit(structures[rep], structures[index])), None)
+            match = next((rep for rep in representatives if structures_match(matcher, structures[rep], structures[index])),
+                         None)
             if match is None:
                 representatives.append(index)
             result[index] = match
@@ -200,7 +211,7 @@ def is_novel(
     for ref in reference:
         by_key[_composition_key(ref)].append(ref)
     return [
-        not any(matcher.fit(ref, structure) for ref in by_key.get(_composition_key(structure), ()))
+        not any(structures_match(matcher, ref, structure) for ref in by_key.get(_composition_key(structure), ()))
         for structure in structures
     ]
 

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-grammar", action="store_true", help="sample without the grammar constraint")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="folder for the CIF files (sample_00000.cif, ...)")
+    parser.add_argument("--out", help="folder for the CIF files (sample_00000.cif, ...) and samples.csv")
     parser.add_argument("--json", action="store_true", help="print the counts as JSON on the last line")
     ranking = parser.add_argument_group("predictor-ranked sampling (Con-CDVAE: generate n, keep the best)")
     ranking.add_argument("--keep", type=int, help="keep the KEEP samples a predictor ranks closest to --target")
@@ -102,6 +102,28 @@ def sampler(args: argparse.Namespace, model, tokenizer):
     return sample, describe_conditions(args.crystal_system, properties)
 
 
+def write_samples(out: Path, samples: list, crystal_system: str | None) -> None:
+    """``sample_NNNNN.cif`` per decoded sample, and ``samples.csv`` for ``crystal-lm evaluate``.
+
+    The CSV has one row per decoded sample: ``material_id`` (the file's stem), ``cif``, the sampled text,
+    the ``spacegroup`` the text declares (Wyckoff models; empty for SLICES) and the ``crystal_system``
+    condition, so that evaluate reports space-group consistency and crystal-system hit rate.
+    """
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, crystal in enumerate(samples):
+        if crystal.structure is None:
+            continue
+        name = f"sample_{index:05d}"
+        cif = crystal.structure.to(filename=str(out / f"{name}.cif"))
+        rows.append({"material_id": name, "cif": cif, "text": crystal.text,
+                     "spacegroup": crystal.space_group, "crystal_system": crystal_system})
+    columns = ["material_id", "cif", "text", "spacegroup", "crystal_system"]
+    pd.DataFrame(rows, columns=columns).astype({"spacegroup": "Int64"}).to_csv(out / "samples.csv", index=False)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -127,11 +149,7 @@ def run(args: argparse.Namespace) -> int:
     decoded = [s for s in samples if s.structure is not None]
     valid = sum(is_structurally_valid(s.structure) for s in decoded)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for index, crystal in enumerate(samples):
-            if crystal.structure is not None:
-                crystal.structure.to(filename=str(out / f"sample_{index:05d}.cif"))
+        write_samples(Path(args.out), samples, args.crystal_system)
     counts = {"sampled": len(samples), "decoded": len(decoded), "valid": valid, "prompt": prompt}
     print(f"sampled {counts['sampled']}  decoded {counts['decoded']}  valid {counts['valid']}  (prompt: {prompt})")
     if args.json:
