@@ -139,13 +139,26 @@ def test_time_box_ends_a_decode_with_a_typed_error(rocksalt):
         embedding.embed(graph, (), embedding.EmbeddingParams(time_limit_s=1e-4))
 
 
-def test_collapsed_cell_is_an_embedding_error_not_a_slow_graph_check():
-    """A fuzzed net whose optimum is a sliver cell of 4 Å^3 (0.8 Å^3 per atom): rejected before pymatgen's neighbour search,
-    which took 16 s on that cell (past any time box)."""
+def test_collapsed_cell_is_an_embedding_error_not_a_slow_graph_check(monkeypatch):
+    """An optimisation that ends in a sliver cell (0.8 Å^3 per atom, as a fuzzed net once did) is rejected
+    before pymatgen's neighbour search, which took 16 s on that cell (past any time box)."""
     graph = CrystalGraph(("Ba", "Br", "I", "Lu", "Ti"), (
         (0, 3, 1, 0, 1), (1, 1, 1, 0, 1), (1, 2, 1, 1, 0), (1, 2, 1, 1, 1), (1, 3, 1, 0, -1), (3, 4, 1, -1, 0)))
+    sliver = np.array([[4.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.9, 0.0, 1.0]])  # 4 Å^3 for 5 atoms
+    frac = np.array([[0.0, 0.0, 0.0], [0.2, 0.2, 0.2], [0.4, 0.4, 0.4], [0.6, 0.6, 0.6], [0.8, 0.8, 0.8]])
+    monkeypatch.setattr(embedding, "_place", lambda *args: (sliver, frac))
     with pytest.raises(EmbeddingError, match="collapsed"):
-        embedding.embed(graph)
+        embedding.embed(graph, params=embedding.EmbeddingParams(detect_symmetry=False))
+
+
+def test_the_fuzzed_sliver_net_now_decodes_to_its_own_graph_within_the_time_box():
+    """The net behind the test above no longer optimises to a sliver: it decodes, and its graph checks."""
+    graph = CrystalGraph(("Ba", "Br", "I", "Lu", "Ti"), (
+        (0, 3, 1, 0, 1), (1, 1, 1, 0, 1), (1, 2, 1, 1, 0), (1, 2, 1, 1, 1), (1, 3, 1, 0, -1), (3, 4, 1, -1, 0)))
+    start = time.monotonic()
+    structure = embedding.embed_checked(graph, (), "minimumdistancenn", embedding.EmbeddingParams(time_limit_s=2.0))
+    assert time.monotonic() - start < 10.0
+    assert structure.volume / len(structure) > 4.0
 
 
 @st.composite
