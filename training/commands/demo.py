@@ -1,7 +1,7 @@
 """``crystal-lm demo``: prepare the bundled MP-20 sample, train a small WyckoffGPT on CPU, generate, evaluate.
 
 Writes to ``--out`` (default ``outputs/demo``): ``data/`` (the prepared dataset), ``run/`` (checkpoints,
-``metrics.csv``, ``final/`` model + tokenizer + ``README.md`` card), ``cifs/`` (the generated crystals),
+``metrics.csv``, ``final/`` model + tokenizer + ``README.md`` card), ``cifs/`` (the generated crystals and their ``samples.csv``),
 ``metrics.json`` + ``summary.md`` + PNG plots (from ``training.evaluate``), ``training_curve.png`` and
 ``MODEL_CARD.md``. Sized for about ten minutes on two CPU cores.
 """
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=1500, help="optimiser steps (1,500 take about 3 minutes on 2 idle cores)")
     parser.add_argument("--num-samples", type=int, default=200, help="crystals to generate")
     parser.add_argument("--batch-size", type=int, default=50, help="generation batch size")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="token budget per generated crystal")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="token budget of the samples drawn while training")
     parser.add_argument("--num-proc", type=int, default=2, help="processes for data preparation")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -45,32 +45,6 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     timings[name] = time.perf_counter() - start
     print(f"[{name}] done in {timings[name]:.1f} s", file=sys.stderr)
     return result
-
-
-def _generate(model: Any, tokenizer: Any, n: int, batch_size: int, max_new_tokens: int) -> list[Any]:
-    """``n`` unconditional samples under the Wyckoff grammar; one Structure or CrystalDecodeError each."""
-    import torch
-    from tqdm.auto import tqdm
-
-    model.eval()
-    results: list[Any] = []
-    with tqdm(total=n, desc="generating", unit="crystal", file=sys.stderr) as progress:
-        while len(results) < n:
-            size = min(batch_size, n - len(results))
-            prompt = torch.full((size, 1), tokenizer.bos_token_id, dtype=torch.long)
-            output = model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                return_dict_in_generate=True,
-                logits_processor=[tokenizer.grammar_processor(max_length=max_new_tokens + 1)],
-            )
-            results.extend(tokenizer.decode_structures(output))
-            progress.update(size)
-    return results
 
 
 def _plot_training_curve(metrics_csv: Path, path: Path) -> None:
@@ -100,10 +74,12 @@ def run(args: argparse.Namespace) -> int:
     from pymatgen.core import Structure
     from tqdm.auto import tqdm
 
+    from training.commands.generate import write_samples
     from training.data import load_split, prepare_dataset
-    from training.evaluate import evaluate_structures, write_report
+    from training.evaluate import SPACEGROUP_KEY, evaluate_structures, write_report
     from training.hub import model_card, run_training_data
     from training.loop import TrainConfig, train
+    from training.sampling import generate_crystals
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,24 +107,27 @@ def run(args: argparse.Namespace) -> int:
     from crystal_tokenizers import WyckoffTokenizer
 
     tokenizer = WyckoffTokenizer.from_pretrained(str(result.final_model_dir))
+
+    def progress_bar(iterable, total):
+        return tqdm(iterable, total=total, desc="generating (batches)", file=sys.stderr)
+
     samples = _timed(
         timings,
         "generate",
-        lambda: _generate(result.model, tokenizer, args.num_samples, args.batch_size, args.max_new_tokens),
+        lambda: generate_crystals(result.model, tokenizer, [tokenizer.condition_prefix()] * args.num_samples,
+                                  batch_size=args.batch_size, progress=progress_bar),
     )
-    cif_dir = out / "cifs"
-    cif_dir.mkdir(exist_ok=True)
-    structures = [s if isinstance(s, Structure) else None for s in samples]
-    errors = [None if isinstance(s, Structure) else type(s).__name__ for s in samples]
-    for index, structure in enumerate(structures):
-        if structure is not None:
-            structure.to(filename=str(cif_dir / f"sample_{index:03d}.cif"))
+    write_samples(out / "cifs", samples, crystal_system=None)
+    structures = [sample.structure for sample in samples]
     reference = [Structure.from_str(cif, fmt="cif") for cif in load_split(out / "data", "train")["cif"]]
-    progress = functools.partial(tqdm, file=sys.stderr)
     evaluation = _timed(
         timings,
         "evaluate",
-        lambda: evaluate_structures(structures, reference, parse_errors=errors, progress=progress),
+        lambda: evaluate_structures(
+            structures, reference, targets={SPACEGROUP_KEY: [sample.space_group for sample in samples]},
+            parse_errors=[None if sample.error is None else sample.error.split(":")[0] for sample in samples],
+            progress=functools.partial(tqdm, file=sys.stderr),
+        ),
     )
     write_report(evaluation, out)
     _plot_training_curve(out / "run" / "metrics.csv", out / "training_curve.png")
@@ -173,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         ("compositional validity", f"{evaluation.compositional_validity:.3f}"),
         ("uniqueness (of valid)", "n/a" if evaluation.uniqueness is None else f"{evaluation.uniqueness:.3f}"),
         ("novelty (of valid)", "n/a" if evaluation.novelty is None else f"{evaluation.novelty:.3f}"),
+        ("space group as declared (of valid)",
+         "n/a" if evaluation.spg_consistency is None else f"{evaluation.spg_consistency:.3f}"),
     ]
     rows += [(f"time: {name} (s)", f"{seconds:.1f}") for name, seconds in timings.items()]
     rows.append(("time: total (s)", f"{sum(timings.values()):.1f}"))
