@@ -16,6 +16,7 @@ import numpy as np
 from pymatgen.core import Structure
 from transformers import BatchEncoding, PreTrainedTokenizer
 
+from crystal_tokenizers.bundle import PACKAGE, write_bundle
 from crystal_tokenizers.errors import CrystalDecodeError, CrystalEncodeError
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
@@ -72,6 +73,21 @@ class CrystalTokenizerBase(PreTrainedTokenizer):
 
     def num_special_tokens_to_add(self, pair: bool = False) -> int:
         return 2
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> tuple[str, ...]:
+        """``PreTrainedTokenizer.save_pretrained``, plus the flat copy of the code the tokenizer needs.
+
+        The folder then loads with ``AutoTokenizer.from_pretrained(folder, trust_remote_code=True)`` where
+        crystal-lm is not installed (see :mod:`crystal_tokenizers.bundle`).
+        """
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        if type(self).__module__.startswith(PACKAGE + "."):
+            files = (*files, *(str(path) for path in write_bundle(type(self).__module__, save_directory)))
+        if push_to_hub:  # push_to_hub saves again into a temporary folder, bundle included
+            self.push_to_hub(repo_id, token=kwargs.get("token"))
+        return files
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILE)

@@ -196,6 +196,12 @@ class WyckoffTokenizer(CrystalTokenizerBase):
     def ids_to_tokens_with_values(self, input_ids: Sequence[int], numeric_values: Sequence[float] | None) -> list[str | float]:
         """Token strings for ``input_ids`` with each ``<num>`` replaced by its float value."""
         ids = to_list(input_ids)
+        if numeric_values is None and self.num_token_id in ids:
+            raise MalformedSequenceError(
+                "the sequence has <num> tokens but no numeric values: decode model.generate's output object "
+                "(its numeric_values; keep return_dict_in_generate=True, the default of crystal-lm's generators) "
+                "or pass numeric_values aligned with the ids"
+            )
         values = to_list(numeric_values) if numeric_values is not None else [math.nan] * len(ids)
         if len(values) != len(ids):
             raise MalformedSequenceError(f"{len(ids)} token ids but {len(values)} numeric values")

@@ -1,21 +1,31 @@
 """Generation helpers shared by models that emit continuous values through a ``<num>`` token.
 
-Inside ``model.generate()`` a numeric model samples the value of each emitted ``<num>`` from its
-continuous head. :class:`NumericGenerationState` is the per-call record of those values (created by the
-model's ``generate`` and passed to it as a model keyword, never stored on the model);
-:class:`NumericValuesProcessor` is the protocol of objects (typically a grammar ``LogitsProcessor``)
-that also map sampled values into a valid domain before they are stored.
+Inside ``model.generate()`` a numeric model samples the value of each emitted ``<num>`` from its continuous
+head. :class:`NumericGenerationState` is the per-call record of those values (created by the model's
+``generate`` and passed to it as a model keyword, never stored on the model). It follows every decoding
+strategy of ``GenerationMixin``:
+
+- greedy and multinomial sampling: the value of a ``<num>`` chosen at step s is drawn from the head's output
+  at the last position of step s and fed, embedded, at step s + 1;
+- beam search: every step's draws are logged per running beam; the cache reorder moves the record with the
+  beams, and the values of the returned beams are read back through ``beam_indices``;
+- assisted decoding: candidates are cut before their first ``<num>`` (the main model must draw every value
+  itself), and a rejected tail is dropped from the record as from the cache.
+
+:class:`NumericValuesProcessor` is the protocol of objects (typically a grammar ``LogitsProcessor``) that also
+map sampled values into a valid domain before they are stored.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.generation.candidate_generator import AssistedCandidateGenerator, CandidateGenerator
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 Sampler = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 """``(params, kind_ids, temperature, greedy) -> values``: one draw per row from a continuous head."""
@@ -43,45 +53,10 @@ class GenerateNumericOutput(GenerateDecoderOnlyOutput):
 
 
 @dataclass
-class NumericGenerationState:
-    """Values of the ``<num>`` tokens of one ``generate`` call, grown one column per step.
+class GenerateBeamNumericOutput(GenerateBeamDecoderOnlyOutput):
+    """``GenerateBeamDecoderOnlyOutput`` (``sequences_scores``, ``beam_indices``) plus ``numeric_values``."""
 
-    ``values`` (B, T) is aligned with the sequences seen so far; ``pending_params`` / ``pending_kinds``
-    are the continuous-head outputs at the last position, from which the value of a ``<num>`` emitted
-    next is drawn.
-    """
-
-    num_token_id: int
-    do_sample: bool
-    temperature: float = 1.0
-    processors: tuple[NumericValuesProcessor, ...] = ()
-    values: torch.Tensor | None = None
-    pending_params: torch.Tensor | None = None
-    pending_kinds: torch.Tensor | None = None
-
-    def __deepcopy__(self, memo: dict) -> NumericGenerationState:
-        """Shared, not copied: generate() may deep-copy its keyword arguments, the record must survive."""
-        return self
-
-    def extend(self, input_ids: torch.LongTensor, sampler: Sampler) -> None:
-        """Grow ``values`` to the length of ``input_ids``, drawing the value of a newly emitted ``<num>``.
-
-        ``sampler(params, kinds, temperature, greedy)`` draws one value per row (NaN where kind is -1).
-        """
-        if self.values is None:
-            raise ValueError("NumericGenerationState.values must hold the prompt values before extending")
-        while self.values.shape[1] < input_ids.shape[1]:
-            column = self.values.shape[1]
-            is_num = input_ids[:, column] == self.num_token_id
-            proposals = torch.full(is_num.shape, math.nan, device=self.values.device)
-            if self.pending_params is not None and bool(is_num.any()):
-                kinds = torch.where(is_num, self.pending_kinds, torch.full_like(self.pending_kinds, -1))
-                proposals = sampler(self.pending_params, kinds, self.temperature, not self.do_sample)
-                history = pad_values(self.values, column + 1)
-                for processor in self.processors:
-                    proposals = processor.process_numeric_values(input_ids[:, : column + 1], history, proposals)
-            self.pending_params, self.pending_kinds = None, None
-            self.values = torch.cat([self.values, torch.where(is_num, proposals, math.nan)[:, None]], dim=1)
+    numeric_values: torch.FloatTensor | None = None
 
 
 def pad_values(values: torch.Tensor, length: int) -> torch.Tensor:
@@ -97,8 +72,143 @@ def mask_to_num_tokens(input_ids: torch.Tensor, values: torch.Tensor, num_token_
     return torch.where(input_ids == num_token_id, values, torch.full_like(values, math.nan))
 
 
+@dataclass
+class NumericGenerationState:
+    """Values of the ``<num>`` tokens of one ``generate`` call.
+
+    ``values`` (N, T) is aligned with the N running sequences; ``pending`` (N,) is the value drawn at the last
+    forward for each running row, used if that row's next token is ``<num>``; ``draws`` logs every step's
+    draws (for beam search, indexed like ``beam_indices``); ``accepted`` / ``fed_length`` are the verified
+    and the fed lengths of the last forward (they differ under assisted decoding).
+    """
+
+    num_token_id: int
+    sampler: Sampler
+    do_sample: bool
+    temperature: float = 1.0
+    processors: tuple[NumericValuesProcessor, ...] = ()
+    values: torch.Tensor | None = None
+    pending: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+    draws: list[torch.Tensor] = field(default_factory=list)
+    accepted: int = 0
+    fed_length: int = 0
+
+    def __deepcopy__(self, memo: dict) -> NumericGenerationState:
+        """Shared, not copied: generate() may deep-copy its keyword arguments, the record must survive."""
+        return self
+
+    def extend(self, input_ids: torch.LongTensor) -> None:
+        """Grow ``values`` to the length of ``input_ids``: the value of a newly emitted ``<num>``, then NaN.
+
+        Columns past the first new one are unverified candidates (assisted decoding), which hold no ``<num>``.
+        """
+        if self.values is None:
+            raise ValueError("NumericGenerationState.values must hold the prompt values before extending")
+        column = self.values.shape[1]
+        if column < input_ids.shape[1] and self.pending is not None:
+            is_num = input_ids[:, column] == self.num_token_id
+            proposals = torch.where(is_num, self.pending, torch.full_like(self.pending, math.nan))
+            history = pad_values(self.values, column + 1)
+            for processor in self.processors:
+                proposals = processor.process_numeric_values(input_ids[:, : column + 1], history, proposals)
+            proposals = torch.where(is_num, proposals, torch.full_like(proposals, math.nan))
+            if self.draws:
+                rows = self.source if self.source is not None else torch.arange(len(proposals))
+                self.draws[-1][rows[is_num]] = proposals[is_num].to(self.draws[-1].dtype)
+            self.values = torch.cat([self.values, proposals[:, None].to(self.values.dtype)], dim=1)
+            self.pending, self.source = None, None
+        self.accepted = self.values.shape[1]
+        self.values = pad_values(self.values, input_ids.shape[1])
+        self.fed_length = input_ids.shape[1]
+
+    def after_forward(self, params: torch.Tensor, kind_ids: torch.Tensor, num_new_tokens: int = 1) -> None:
+        """Keep the verified prefix and draw the next value from the head's outputs (N, K, 3, M) / (N, K).
+
+        The next token follows the ``accepted + num_new_tokens - 1`` verified tokens, so its value comes from
+        the output at the position before it (the last one, except after a partly rejected assisted draft).
+        """
+        prefix = self.accepted + num_new_tokens - 1
+        index = prefix - 1 - (self.fed_length - params.shape[1])
+        self.values = self.values[:, :prefix] if self.values is not None else None
+        draw = self.sampler(params[:, index], kind_ids[:, index], self.temperature, not self.do_sample)
+        self.pending, self.source = draw, None
+        self.draws.append(draw.clone())
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Follow a beam-search reorder: running row k continues row ``beam_idx[k]``."""
+        beam_idx = beam_idx.to(self.values.device).long()
+        self.values = self.values[beam_idx]
+        if self.pending is not None:
+            self.pending = self.pending[beam_idx]
+        self.source = beam_idx
+
+    def finish(self, sequences: torch.LongTensor) -> torch.Tensor:
+        """Values (N, T) aligned with the final running ``sequences`` (non-beam decoding)."""
+        self.extend(sequences)
+        return mask_to_num_tokens(sequences, pad_values(self.values, sequences.shape[1]), self.num_token_id)
+
+    def beam_values(
+        self, sequences: torch.LongTensor, beam_indices: torch.Tensor, prompt_values: torch.Tensor
+    ) -> torch.Tensor:
+        """Values (F, T) of returned beams: prompt values of their batch row, then each step's logged draw.
+
+        ``beam_indices`` (F, S) holds, per generated step, the flat running row the token came from (-1 after
+        the end); ``prompt_values`` (N, P) are the expanded prompt values of the running rows.
+        """
+        prompt_length = prompt_values.shape[1]
+        first_rows = beam_indices[:, 0].clamp(min=0).long()
+        values = pad_values(prompt_values[first_rows], sequences.shape[1]).clone()
+        for step in range(min(beam_indices.shape[1], len(self.draws), sequences.shape[1] - prompt_length)):
+            rows = beam_indices[:, step].long()
+            drawn = self.draws[step].to(values.device)[rows.clamp(min=0)]
+            values[:, prompt_length + step] = torch.where(rows >= 0, drawn, torch.full_like(drawn, math.nan))
+        last = sequences.shape[1] - 1
+        ends_in_num = sequences[:, last] == self.num_token_id
+        if self.processors and bool(ends_in_num.any()):  # a value drawn at the very last step was never fed
+            proposals = values[:, last].clone()
+            for processor in self.processors:
+                proposals = processor.process_numeric_values(sequences, pad_values(values, last), proposals)
+            values[:, last] = torch.where(ends_in_num, proposals, values[:, last])
+        return mask_to_num_tokens(sequences, values, self.num_token_id)
+
+
+class NumericCandidateGenerator(CandidateGenerator):
+    """Assisted decoding for numeric models: an assistant's draft, cut before its first ``<num>``.
+
+    The main model draws the value of every ``<num>`` from its own head, so a draft token after a ``<num>``
+    would be verified against a value the main model never chose; the draft stops just before it, and the
+    main model emits the ``<num>`` itself. The assistant is given the values chosen so far.
+    """
+
+    def __init__(self, inner: AssistedCandidateGenerator, state: NumericGenerationState) -> None:
+        self.inner = inner
+        self.state = state
+        inner.assistant_kwargs.pop("numeric_state", None)
+
+    @property
+    def requires_model_outputs(self) -> bool:  # type: ignore[override]
+        return self.inner.requires_model_outputs
+
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs: Any) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        if self.state.values is None:  # before the first forward: the prompt's values
+            self.state.values = self.inner.assistant_kwargs["numeric_values"].float()
+        self.state.extend(input_ids)
+        self.inner.assistant_kwargs["numeric_values"] = self.state.values[:, : input_ids.shape[1]].clone()
+        candidates, logits = self.inner.get_candidates(input_ids, **kwargs)
+        draft = candidates[:, input_ids.shape[1]:]
+        is_num = (draft == self.state.num_token_id).any(dim=0)
+        keep = int(is_num.float().argmax()) if bool(is_num.any()) else draft.shape[1]
+        return candidates[:, : input_ids.shape[1] + keep], None if logits is None else logits[:, :keep]
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+        self.inner.update_candidate_strategy(input_ids, scores, num_matches)
+
+
 __all__ = [
+    "GenerateBeamNumericOutput",
     "GenerateNumericOutput",
+    "NumericCandidateGenerator",
     "NumericGenerationState",
     "NumericValuesProcessor",
     "mask_to_num_tokens",

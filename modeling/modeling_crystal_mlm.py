@@ -27,61 +27,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
-from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
-from modeling.configuration_crystal_mlm import CrystalMLMConfig
-from modeling.layers import FeedForward
-from modeling.modeling_mattergpt import sequence_classification_loss
-from modeling.modeling_wyckoff_gpt import kind_lookup, sinusoidal_positions
-from modeling.numeric import (
-    DEFAULT_VALUE_KINDS,
+from .configuration_crystal_mlm import CrystalMLMConfig
+from .layers import CrystalPreTrainedModel, TransformerBlock, check_positions, sequence_classification_loss
+from .numeric import (
     NO_KIND,
-    GaussianValueEmbedding,
-    NumericValueHead,
-    ValueKind,
+    add_value_embeddings,
+    kind_lookup,
+    numeric_head_from_config,
+    require_numeric_tokens,
+    sinusoidal_positions,
+    value_embedding_from_config,
 )
 
 logger = logging.getLogger(__name__)
 
 
-def padding_mask_4d(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Boolean (B, 1, 1, T) key mask for SDPA, True where a key is a real token; ``None`` without padding."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return None
-    return attention_mask[:, None, None, :].bool()
-
-
 def periodic_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a - b`` of fractional coordinates wrapped to [-0.5, 0.5) (minimum image)."""
     return torch.remainder(a - b + 0.5, 1.0) - 0.5
-
-
-def mixture_point_estimate(kind: ValueKind, params: torch.Tensor) -> torch.Tensor:
-    """Differentiable point estimate (N,) of raw mixture parameters (N, 3, M), in data units.
-
-    Von Mises: the weighted circular mean of the component locations, as a fraction in [0, 1). Other
-    families: the weighted mean of the standardised locations, mapped back to data units.
-    """
-    logits, loc, _ = params.float().unbind(dim=-2)
-    weights = torch.softmax(logits, dim=-1)
-    if kind.family == "von_mises":
-        angle = torch.atan2((weights * torch.sin(loc)).sum(-1), (weights * torch.cos(loc)).sum(-1))
-        return torch.remainder(angle / (2.0 * math.pi), 1.0)
-    z = (weights * loc).sum(-1)
-    if kind.family == "log_normal":
-        return torch.exp(kind.location + kind.scale * z)
-    return kind.location + kind.scale * z
-
-
-def value_embedding(config: CrystalMLMConfig) -> GaussianValueEmbedding:
-    """The Gaussian value embedding of ``config``'s grids."""
-    return GaussianValueEmbedding(
-        config.n_embd, linear_ranges=config.value_linear_ranges, num_linear=config.value_num_linear,
-        log_range=config.value_log_range, num_log=config.value_num_log,
-    )
 
 
 def non_element_mask(config: CrystalMLMConfig) -> torch.Tensor:
@@ -91,68 +60,11 @@ def non_element_mask(config: CrystalMLMConfig) -> torch.Tensor:
     return mask
 
 
-class CrystalMLMAttention(nn.Module):
-    """Bidirectional multi-head self-attention through ``F.scaled_dot_product_attention``."""
-
-    def __init__(self, config: CrystalMLMConfig) -> None:
-        super().__init__()
-        self.n_head = config.n_head
-        self.attn_pdrop = config.attn_pdrop
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = (
-            t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2)
-            for t in self.c_attn(x).split(width, dim=2)
-        )
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_pdrop if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(batch, length, width)))
-
-
-class CrystalMLMBlock(nn.Module):
-    """Pre-LayerNorm transformer block."""
-
-    def __init__(self, config: CrystalMLMConfig) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = CrystalMLMAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = FeedForward(config)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask)
-        return x + self.mlp(self.ln_2(x))
-
-
-class CrystalMLMPreTrainedModel(PreTrainedModel):
+class CrystalMLMPreTrainedModel(CrystalPreTrainedModel):
     """Weight initialisation (GPT-2 scheme) and the ``from_pretrained`` plumbing."""
 
     config_class = CrystalMLMConfig
     config: CrystalMLMConfig
-    base_model_prefix = "transformer"
-    _no_split_modules = ["CrystalMLMBlock"]
-    _supports_sdpa = True
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """Normal(0, initializer_range) weights; residual projections scaled by 1/sqrt(2 n_layer).
-
-        Also fills the non-persistent buffers (value-embedding grids, value kind per token, non-element
-        tokens), which ``from_pretrained`` creates empty.
-        """
-        super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, (CrystalMLMAttention, FeedForward)):
-            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
-        if isinstance(module, GaussianValueEmbedding):  # constant buffers: rebuilt, never learned
-            linear_centres, log_centres = module.centre_grids()
-            init.copy_(module.linear_centres, linear_centres)
-            init.copy_(module.log_centres, log_centres)
-        if isinstance(module, CrystalMLMForMaskedLM):
-            init.copy_(module.kind_of_token, kind_lookup(self.config)[1])
-            init.copy_(module.not_element, non_element_mask(self.config))
 
 
 class CrystalMLMModel(CrystalMLMPreTrainedModel):
@@ -162,10 +74,11 @@ class CrystalMLMModel(CrystalMLMPreTrainedModel):
         super().__init__(config)
         config.validate_crystal_mlm()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.value_embedding = value_embedding(config)
+        self.value_embedding = value_embedding_from_config(config)
         self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList(CrystalMLMBlock(config) for _ in range(config.n_layer))
+        self.h = nn.ModuleList(TransformerBlock(config, i, is_causal=False) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -189,14 +102,10 @@ class CrystalMLMModel(CrystalMLMPreTrainedModel):
         if numeric_values is None:
             return embeddings
         values = numeric_values.to(embeddings.device)
-        has_value = torch.isfinite(values)
-        if input_ids is not None:
-            has_value = has_value & (input_ids == self.config.num_token_id)
-        if not bool(has_value.any()):
-            return embeddings
-        safe = torch.where(has_value, values, torch.zeros_like(values))
-        return embeddings + self.value_embedding(safe) * has_value.unsqueeze(-1).to(embeddings.dtype)
+        at_num = torch.ones_like(values, dtype=torch.bool) if input_ids is None else input_ids == self.config.num_token_id
+        return add_value_embeddings(embeddings, values, at_num, self.value_embedding)
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -216,14 +125,12 @@ class CrystalMLMModel(CrystalMLMPreTrainedModel):
         if input_ids is None and inputs_embeds is None:
             raise ValueError("CrystalMLMModel needs input_ids or inputs_embeds")
         reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        batch, length = reference.shape
-        if length > self.config.n_positions:
-            raise ValueError(f"sequence length {length} exceeds n_positions={self.config.n_positions}")
         if position_ids is None:
-            position_ids = torch.arange(length, device=reference.device).unsqueeze(0)
+            position_ids = torch.arange(reference.shape[1], device=reference.device).unsqueeze(0)
+        check_positions(position_ids, self.config.n_positions)
         hidden = self.embed(input_ids, numeric_values, inputs_embeds)
         hidden = self.drop(hidden + sinusoidal_positions(position_ids, self.config.n_embd).to(hidden.dtype))
-        mask = padding_mask_4d(attention_mask)
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
         for block in self.h:
             hidden = block(hidden, mask)
         return BaseModelOutput(last_hidden_state=self.ln_f(hidden))
@@ -248,6 +155,8 @@ class CrystalMLMMaskedLMOutput(ModelOutput):
     species_loss: torch.Tensor | None = None
     numeric_loss: torch.Tensor | None = None
     position_mse: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class CrystalMLMForMaskedLM(CrystalMLMPreTrainedModel):
@@ -256,15 +165,18 @@ class CrystalMLMForMaskedLM(CrystalMLMPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: CrystalMLMConfig) -> None:
+        require_numeric_tokens(config, type(self).__name__)
         super().__init__(config)
         self.transformer = CrystalMLMModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        kind_names, kind_of_token = kind_lookup(config)
-        kinds = [DEFAULT_VALUE_KINDS[name] for name in kind_names] or [DEFAULT_VALUE_KINDS["scalar"]]
-        self.numeric_head = NumericValueHead(config.n_embd, kinds, config.num_mixture_components)
-        self.register_buffer("kind_of_token", kind_of_token, persistent=False)
-        self.register_buffer("not_element", non_element_mask(config), persistent=False)
+        self.numeric_head = numeric_head_from_config(config)
+        for name, value in self.constant_buffers().items():
+            self.register_buffer(name, value, persistent=False)
         self.post_init()
+
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        """Value kind of each token id (-1: none) and the non-element tokens (from the config)."""
+        return {"kind_of_token": kind_lookup(self.config)[1], "not_element": non_element_mask(self.config)}
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -277,15 +189,7 @@ class CrystalMLMForMaskedLM(CrystalMLMPreTrainedModel):
         previous = F.pad(self.kind_of_token.to(input_ids.device)[input_ids[:, :-1]], (1, 0), value=NO_KIND)
         return torch.where(input_ids == self.config.num_token_id, previous, torch.full_like(previous, NO_KIND))
 
-    def point_estimates(self, params: torch.Tensor, kind_ids: torch.Tensor) -> torch.Tensor:
-        """Differentiable point estimate (B, T) of every value (NaN where ``kind_ids`` is -1)."""
-        out = torch.full(kind_ids.shape, math.nan, dtype=torch.float32, device=params.device)
-        for kind_id, kind in enumerate(self.numeric_head.kinds):
-            rows = kind_ids == kind_id
-            if bool(rows.any()):
-                out = out.masked_scatter(rows, mixture_point_estimate(kind, params[rows]))
-        return out
-
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -294,6 +198,8 @@ class CrystalMLMForMaskedLM(CrystalMLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         numeric_labels: torch.FloatTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> CrystalMLMMaskedLMOutput:
         r"""
@@ -302,15 +208,17 @@ class CrystalMLMForMaskedLM(CrystalMLMPreTrainedModel):
         numeric_labels (`torch.FloatTensor` of shape `(B, T)`): the clean value at each noised `<num>`,
             NaN elsewhere.
         """
-        hidden = self.transformer(
-            input_ids, numeric_values=numeric_values, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state
+        outputs = self.transformer(
+            input_ids, numeric_values=numeric_values, attention_mask=attention_mask, position_ids=position_ids,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        )
+        hidden = outputs.last_hidden_state
         logits = self.lm_head(hidden)
         at_mask = (input_ids == self.config.mask_token_id).unsqueeze(-1) & self.not_element
         logits = logits.masked_fill(at_mask, torch.finfo(logits.dtype).min)
         kind_ids = self.value_kind_ids(input_ids)
         params = self.numeric_head(hidden, kind_ids)
-        predicted = self.point_estimates(params, kind_ids)
+        predicted = self.numeric_head.point_estimate(params, kind_ids)
         species_loss = numeric_loss = position_mse = loss = None
         if labels is not None:
             species_loss = self._species_loss(logits, labels)
@@ -322,6 +230,7 @@ class CrystalMLMForMaskedLM(CrystalMLMPreTrainedModel):
         return CrystalMLMMaskedLMOutput(
             loss=loss, logits=logits, numeric_params=params, numeric_kind_ids=kind_ids, predicted_values=predicted,
             species_loss=species_loss, numeric_loss=numeric_loss, position_mse=position_mse,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )
 
     def _species_loss(self, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
@@ -360,6 +269,7 @@ class CrystalMLMForSequenceClassification(CrystalMLMPreTrainedModel):
         self.score = nn.Linear(config.n_embd, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -368,16 +278,20 @@ class CrystalMLMForSequenceClassification(CrystalMLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
         r"""
         Arguments as `CrystalMLMModel.forward`, plus:
         labels (`torch.Tensor` of shape `(B,)` or `(B, num_labels)`): class ids, or targets for regression.
         """
-        hidden = self.transformer(
-            input_ids, numeric_values=numeric_values, attention_mask=attention_mask,
-            position_ids=position_ids, inputs_embeds=inputs_embeds,
-        ).last_hidden_state
+        outputs = self.transformer(
+            input_ids, numeric_values=numeric_values, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        hidden = outputs.last_hidden_state
         if attention_mask is None:
             pooled = hidden.mean(dim=1)
         else:
@@ -385,7 +299,9 @@ class CrystalMLMForSequenceClassification(CrystalMLMPreTrainedModel):
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         logits = self.score(self.dropout(pooled))
         loss = sequence_classification_loss(logits, labels, self.config) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 CrystalMLMConfig.register_for_auto_class()
@@ -399,6 +315,5 @@ __all__ = [
     "CrystalMLMMaskedLMOutput",
     "CrystalMLMModel",
     "CrystalMLMPreTrainedModel",
-    "mixture_point_estimate",
     "periodic_difference",
 ]

@@ -29,22 +29,31 @@ Gaussians ``exp(-(z - mu_k)^2 / (2 w^2))`` with centres ``mu_k`` evenly spaced o
 """
 
 import logging
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.import_utils import is_torchdynamo_compiling
+from transformers.utils.output_capturing import capture_outputs
 
-from modeling.configuration_mattergpt import MatterGPTConfig
-from modeling.layers import CausalBlock, CausalSelfAttention, FeedForward
+from .configuration_mattergpt import MatterGPTConfig
+from .layers import (
+    CrystalPreTrainedModel,
+    TransformerBlock,
+    check_positions,
+    default_position_ids,
+    sequence_classification_loss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +83,7 @@ def property_values_and_mask(
         return torch.zeros(shape, device=device), torch.zeros(shape, dtype=torch.bool, device=device)
     values = torch.as_tensor(properties, device=device).float().reshape(batch_size, -1)
     if values.shape[1] != num_properties:
-        raise ValueError(f"properties has {values.shape[1]} columns, the config names {num_properties} properties.")
+        raise ValueError(f"properties has {values.shape[1]} columns, the model conditions on {num_properties} properties.")
     mask = torch.isfinite(values)
     if property_mask is not None:
         mask = mask & torch.as_tensor(property_mask, device=device).bool().reshape(batch_size, num_properties)
@@ -97,33 +106,6 @@ def gaussian_basis(z: torch.Tensor, num_gaussians: int, value_range: float) -> t
     return torch.exp(-0.5 * ((z.unsqueeze(-1) - centres) / width) ** 2)
 
 
-def attention_mask_4d(attention_mask: torch.Tensor | None, query_length: int, past_length: int) -> torch.Tensor | None:
-    """Boolean (B|1, 1, Tq, Tk) mask, True where a query may attend; ``None`` when plain causal suffices.
-
-    ``attention_mask`` (B, Tk) marks real tokens (1) and padding (0) over past and current tokens. A query
-    always sees itself, so a padded query has a non-empty row (an empty row gives NaN in SDPA).
-    """
-    key_length = past_length + query_length
-    has_padding = attention_mask is not None and not bool(attention_mask[:, -key_length:].all())
-    if not has_padding and (past_length == 0 or query_length == 1):
-        return None
-    device = attention_mask.device if attention_mask is not None else None
-    query_pos = torch.arange(past_length, key_length, device=device).unsqueeze(-1)
-    key_pos = torch.arange(key_length, device=device).unsqueeze(0)
-    allowed = (key_pos <= query_pos)[None, None]
-    if has_padding:
-        allowed = (allowed & attention_mask[:, None, None, -key_length:].bool()) | (key_pos == query_pos)
-    return allowed
-
-
-def default_position_ids(attention_mask: torch.Tensor | None, query_length: int, past_length: int) -> torch.Tensor:
-    """Positions of the current tokens: counted over real tokens when a padding mask is given (left padding)."""
-    if attention_mask is None:
-        return torch.arange(past_length, past_length + query_length).unsqueeze(0)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return positions[:, -query_length:]
-
-
 def last_token_index(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int | None
 ) -> torch.Tensor:
@@ -144,7 +126,7 @@ class MatterGPTFlow(nn.Module):
 
     def __init__(self, config: MatterGPTConfig, first_layer_idx: int) -> None:
         super().__init__()
-        self.h = nn.ModuleList(CausalBlock(config, first_layer_idx + i) for i in range(config.n_layer))
+        self.h = nn.ModuleList(TransformerBlock(config, first_layer_idx + i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
@@ -162,7 +144,7 @@ class MatterGPTCrystalSystemEmbedding(nn.Module):
         self.embedding = nn.Embedding(config.num_crystal_systems + 1, config.n_embd)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if bool((ids >= self.num_crystal_systems).any()) or bool((ids < NO_CRYSTAL_SYSTEM).any()):
+        if not is_torchdynamo_compiling() and bool(((ids >= self.num_crystal_systems) | (ids < NO_CRYSTAL_SYSTEM)).any()):
             raise ValueError(
                 f"crystal_system ids must be in [0, {self.num_crystal_systems}) or -1, got {ids.tolist()}."
             )
@@ -170,24 +152,58 @@ class MatterGPTCrystalSystemEmbedding(nn.Module):
 
 
 class MatterGPTPropertyEmbedding(nn.Module):
-    """Property values (B, P) in data units + mask -> (B, D): per-property embedding summed over P."""
+    """Property values (B, P) in data units + mask -> (B, D): per-property embedding summed over P.
+
+    The standardisation statistics (``means``, ``stds``, data units) are buffers saved with the weights, and
+    loading a state with more properties grows the module first: an adapter that adds conditions (PEFT
+    ``modules_to_save``) then loads onto the base model it was trained from, as ``PeftModel.from_pretrained``
+    does it.
+    """
 
     def __init__(self, config: MatterGPTConfig) -> None:
         super().__init__()
-        self.means = tuple(float(m) for m in config.property_means)
-        self.stds = tuple(float(s) for s in config.property_stds)
+        self.config = config
         self.gaussian = config.property_embedding == "gaussian"
         self.num_gaussians = config.num_gaussians
         self.gaussian_range = config.gaussian_range
-        in_features = config.num_gaussians if self.gaussian else 1
-        self.weight = nn.Parameter(torch.empty(config.num_properties, in_features, config.n_embd))
-        self.bias = nn.Parameter(torch.empty(config.num_properties, config.n_embd))
-        self.null = nn.Parameter(torch.empty(config.num_properties, config.n_embd))
+        self.in_features = config.num_gaussians if self.gaussian else 1
+        self._allocate(config.num_properties)
+        for name, value in self.constant_buffers().items():
+            self.register_buffer(name, value)
+
+    def _allocate(self, num_properties: int) -> None:
+        width = self.config.n_embd
+        self.weight = nn.Parameter(torch.empty(num_properties, self.in_features, width))
+        self.bias = nn.Parameter(torch.empty(num_properties, width))
+        self.null = nn.Parameter(torch.empty(num_properties, width))
+
+    @property
+    def num_properties(self) -> int:
+        return self.weight.shape[0]
+
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        """The config's standardisation statistics (data units)."""
+        return {"means": torch.tensor([float(m) for m in self.config.property_means]),
+                "stds": torch.tensor([float(s) for s in self.config.property_stds])}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        incoming = state_dict.get(prefix + "weight")
+        if incoming is not None and incoming.shape[0] > self.num_properties:
+            device = self.weight.device
+            self._allocate(incoming.shape[0])
+            self.to(device)
+            for name in ("means", "stds"):
+                self.register_buffer(name, torch.zeros(incoming.shape[0], device=device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def values_and_mask(
+        self, properties: torch.Tensor | None, property_mask: torch.Tensor | None, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values (B, P) and mask (B, P) for this module's P properties (see :func:`property_values_and_mask`)."""
+        return property_values_and_mask(properties, property_mask, batch_size, self.num_properties, self.weight.device)
 
     def forward(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        means = torch.tensor(self.means, device=values.device)
-        stds = torch.tensor(self.stds, device=values.device)
-        z = (values - means) / stds
+        z = (values - self.means) / self.stds
         features = gaussian_basis(z, self.num_gaussians, self.gaussian_range) if self.gaussian else z.unsqueeze(-1)
         features = features.to(self.weight.dtype)
         per_property = torch.einsum("bpk,pkd->bpd", features, self.weight) + self.bias
@@ -195,25 +211,20 @@ class MatterGPTPropertyEmbedding(nn.Module):
         return per_property.sum(dim=1)
 
 
-class MatterGPTPreTrainedModel(PreTrainedModel):
-    """Weight initialisation (GPT-2 scheme) and the ``from_pretrained`` plumbing."""
+class MatterGPTPreTrainedModel(CrystalPreTrainedModel):
+    """Weight initialisation (GPT-2 scheme, residual depth = blocks per flow) and the ``from_pretrained`` plumbing."""
 
     config_class = MatterGPTConfig
     config: MatterGPTConfig
-    base_model_prefix = "transformer"
-    _no_split_modules = ["CausalBlock"]
-    _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Normal(0, initializer_range) weights; residual projections scaled by 1/sqrt(2 * blocks per flow)."""
+        """The shared scheme, plus the property embedding's per-property maps and null vectors."""
         super()._init_weights(module)
-        std = self.config.initializer_range
         if isinstance(module, MatterGPTPropertyEmbedding):
+            std = self.config.initializer_range
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.bias)
             init.normal_(module.null, mean=0.0, std=std)
-        if isinstance(module, (CausalSelfAttention, FeedForward)):
-            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
 
 class MatterGPTModel(MatterGPTPreTrainedModel):
@@ -228,6 +239,7 @@ class MatterGPTModel(MatterGPTPreTrainedModel):
         self.property_embedding = MatterGPTPropertyEmbedding(config)
         self.flows = nn.ModuleList(MatterGPTFlow(config, i * config.n_layer) for i in range(config.num_flows))
         self.merge = nn.Linear(2 * config.n_embd, config.n_embd) if config.dual_flow else None
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -244,15 +256,14 @@ class MatterGPTModel(MatterGPTPreTrainedModel):
         property_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D) crystal-system and property embeddings, with condition dropout in training mode."""
-        device = self.wte.weight.device
-        ids = crystal_system_ids(crystal_system, batch_size, device)
-        values, mask = property_values_and_mask(
-            properties, property_mask, batch_size, self.config.num_properties, device
-        )
+        ids = crystal_system_ids(crystal_system, batch_size, self.wte.weight.device)
+        values, mask = self.property_embedding.values_and_mask(properties, property_mask, batch_size)
         if self.training and self.config.condition_dropout > 0:
             ids, mask = drop_conditions(ids, mask, self.config.condition_dropout)
         return self.crystal_system_embedding(ids), self.property_embedding(values, mask)
 
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -263,6 +274,7 @@ class MatterGPTModel(MatterGPTPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
+        **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(B, T)`): token ids (only the new ones when `cache` is given).
@@ -271,21 +283,23 @@ class MatterGPTModel(MatterGPTPreTrainedModel):
         property_mask (`torch.Tensor` of shape `(B, P)`): 1 where the property conditions, 0 = unconditioned.
         attention_mask (`torch.Tensor` of shape `(B, past + T)`): 1 for real tokens, 0 for padding.
         cache (`Cache`): key/value cache (a `DynamicCache` is created when `use_cache` and none is given).
+        output_hidden_states / output_attentions / return_dict: as in every transformers model (hidden states
+            of both flows, the crystal-system flow first; attention weights need `attn_implementation="eager"`).
         """
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         batch_size, length = input_ids.shape
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, length, past_length).to(input_ids.device)
-        if int(position_ids.max()) >= self.config.n_positions:
-            raise ValueError(
-                f"Sequence position {int(position_ids.max())} exceeds n_positions={self.config.n_positions}."
-            )
+        check_positions(position_ids, self.config.n_positions)
         hidden = self.drop(self.wte(input_ids) + self.wpe(position_ids))
-        mask = attention_mask_4d(attention_mask, length, past_length)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache)
+        cache = cache if use_cache else None
         cs_embedding, prop_embedding = self.condition_embeddings(
             batch_size, crystal_system, properties, property_mask
         )
@@ -302,7 +316,7 @@ class MatterGPTModel(MatterGPTPreTrainedModel):
                     dim=-1,
                 )
             )
-        return BaseModelOutputWithPast(last_hidden_state=out, cache=cache if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=out, cache=cache)
 
 
 class MatterGPTForCausalLM(MatterGPTPreTrainedModel, GenerationMixin):
@@ -316,6 +330,8 @@ class MatterGPTForCausalLM(MatterGPTPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -328,6 +344,8 @@ class MatterGPTForCausalLM(MatterGPTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -345,6 +363,8 @@ class MatterGPTForCausalLM(MatterGPTPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         hidden = outputs.last_hidden_state
         if logits_to_keep > 0:
@@ -353,23 +373,10 @@ class MatterGPTForCausalLM(MatterGPTPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
-
-
-def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: MatterGPTConfig) -> torch.Tensor:
-    """MSE (regression), cross-entropy (single label) or BCE (multi-label), chosen by ``config.problem_type``."""
-    if config.problem_type is None:
-        if config.num_labels == 1:
-            config.problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            config.problem_type = "single_label_classification"
-        else:
-            config.problem_type = "multi_label_classification"
-    if config.problem_type == "regression":
-        return F.mse_loss(logits.reshape(labels.shape[0], -1), labels.float().reshape(labels.shape[0], -1))
-    if config.problem_type == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
-    return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
 
 class MatterGPTForSequenceClassification(MatterGPTPreTrainedModel):
@@ -382,6 +389,7 @@ class MatterGPTForSequenceClassification(MatterGPTPreTrainedModel):
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -391,6 +399,8 @@ class MatterGPTForSequenceClassification(MatterGPTPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         r"""
@@ -407,12 +417,16 @@ class MatterGPTForSequenceClassification(MatterGPTPreTrainedModel):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         logits = self.score(outputs.last_hidden_state)
         last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
         pooled = logits[torch.arange(input_ids.shape[0], device=logits.device), last]
         loss = sequence_classification_loss(pooled, labels, self.config) if labels is not None else None
-        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 MatterGPTModel.register_for_auto_class("AutoModel")

@@ -28,66 +28,39 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
-from transformers import initialization as init
+from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import Cache
+from transformers.generation.candidate_generator import AssistedCandidateGenerator
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
-from modeling.configuration_wyckoff_gpt import WyckoffGPTConfig
-from modeling.generation import (
+from .configuration_wyckoff_gpt import WyckoffGPTConfig
+from .generation import (
+    GenerateBeamNumericOutput,
     GenerateNumericOutput,
+    NumericCandidateGenerator,
     NumericGenerationState,
     NumericValuesProcessor,
     mask_to_num_tokens,
     pad_values,
 )
-from modeling.layers import CausalBlock, CausalSelfAttention, FeedForward
-from modeling.numeric import (
-    DEFAULT_VALUE_KINDS,
-    NO_KIND,
-    GaussianValueEmbedding,
-    NumericValueHead,
+from .layers import CrystalPreTrainedModel, TransformerBlock, check_positions, default_position_ids
+from .numeric import (
+    add_value_embeddings,
+    kind_lookup,
+    numeric_head_from_config,
+    require_numeric_tokens,
+    sinusoidal_positions,
+    value_embedding_from_config,
 )
 
 logger = logging.getLogger(__name__)
-
-
-def sinusoidal_positions(position_ids: torch.Tensor, dim: int) -> torch.Tensor:
-    """Transformer sinusoidal position encodings (..., dim) for integer positions (...)."""
-    half = dim // 2
-    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=position_ids.device) / half)
-    angles = position_ids.float().unsqueeze(-1) * frequencies
-    encoding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
-    return F.pad(encoding, (0, dim - 2 * half))
-
-
-def attention_mask_4d(attention_mask: torch.Tensor | None, query_length: int, past_length: int) -> torch.Tensor | None:
-    """Boolean (B|1, 1, Tq, Tk) mask, True where a query may attend; ``None`` when plain causal suffices.
-
-    A query always sees itself, so a padded query has a non-empty row (an empty row gives NaN in SDPA).
-    """
-    key_length = past_length + query_length
-    has_padding = attention_mask is not None and not bool(attention_mask[:, -key_length:].all())
-    if not has_padding and (past_length == 0 or query_length == 1):
-        return None
-    device = attention_mask.device if attention_mask is not None else None
-    query_pos = torch.arange(past_length, key_length, device=device).unsqueeze(-1)
-    key_pos = torch.arange(key_length, device=device).unsqueeze(0)
-    allowed = (key_pos <= query_pos)[None, None]
-    if has_padding:
-        allowed = (allowed & attention_mask[:, None, None, -key_length:].bool()) | (key_pos == query_pos)
-    return allowed
-
-
-def default_position_ids(attention_mask: torch.Tensor | None, query_length: int, past_length: int) -> torch.Tensor:
-    """Positions of the current tokens, counted over real tokens when a padding mask is given (left padding)."""
-    if attention_mask is None:
-        return torch.arange(past_length, past_length + query_length).unsqueeze(0)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return positions[:, -query_length:]
 
 
 @dataclass
@@ -97,7 +70,7 @@ class WyckoffGPTCausalLMOutput(ModelOutput):
     loss: cross-entropy + ``numeric_loss_weight`` × value NLL (with ``labels``); token_loss / numeric_loss
     are its parts. logits (B, T, V): next-token scores. numeric_params (B, T, 3, M): raw mixture
     parameters of the value after position t (zeros where the token at t is not a value label).
-    numeric_kind_ids (B, T): the kind index at t (-1: none).
+    numeric_kind_ids (B, T): the kind index at t (-1: none). hidden_states / attentions: per layer, when asked.
     """
 
     loss: torch.Tensor | None = None
@@ -107,29 +80,15 @@ class WyckoffGPTCausalLMOutput(ModelOutput):
     token_loss: torch.Tensor | None = None
     numeric_loss: torch.Tensor | None = None
     cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class WyckoffGPTPreTrainedModel(PreTrainedModel):
+class WyckoffGPTPreTrainedModel(CrystalPreTrainedModel):
     """Weight initialisation (GPT-2 scheme) and the ``from_pretrained`` plumbing."""
 
     config_class = WyckoffGPTConfig
     config: WyckoffGPTConfig
-    base_model_prefix = "transformer"
-    _no_split_modules = ["CausalBlock"]
-    _supports_sdpa = True
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """Normal(0, initializer_range) weights; residual projections scaled by 1/sqrt(2 n_layer)."""
-        super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, (CausalSelfAttention, FeedForward)):
-            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
-        if isinstance(module, GaussianValueEmbedding):  # constant buffers: rebuilt, never learned
-            linear_centres, log_centres = module.centre_grids()
-            init.copy_(module.linear_centres, linear_centres)
-            init.copy_(module.log_centres, log_centres)
-        if isinstance(module, WyckoffGPTForCausalLM):
-            init.copy_(module.kind_of_token, kind_lookup(self.config)[1])
 
 
 class WyckoffGPTModel(WyckoffGPTPreTrainedModel):
@@ -138,13 +97,11 @@ class WyckoffGPTModel(WyckoffGPTPreTrainedModel):
     def __init__(self, config: WyckoffGPTConfig) -> None:
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.value_embedding = GaussianValueEmbedding(
-            config.n_embd, linear_ranges=config.value_linear_ranges, num_linear=config.value_num_linear,
-            log_range=config.value_log_range, num_log=config.value_num_log,
-        )
+        self.value_embedding = value_embedding_from_config(config)
         self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList(CausalBlock(config, i) for i in range(config.n_layer))
+        self.h = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -156,15 +113,11 @@ class WyckoffGPTModel(WyckoffGPTPreTrainedModel):
     def embed(self, input_ids: torch.LongTensor, numeric_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings plus value embeddings at ``<num>`` positions with a finite value."""
         embeddings = self.wte(input_ids)
-        if numeric_values is None:
-            return embeddings
-        values = numeric_values.to(embeddings.device)
-        has_value = (input_ids == self.config.num_token_id) & torch.isfinite(values)
-        if not bool(has_value.any()):
-            return embeddings
-        safe = torch.where(has_value, values, torch.zeros_like(values))
-        return embeddings + self.value_embedding(safe) * has_value.unsqueeze(-1).to(embeddings.dtype)
+        values = None if numeric_values is None else numeric_values.to(embeddings.device)
+        return add_value_embeddings(embeddings, values, input_ids == self.config.num_token_id, self.value_embedding)
 
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -180,52 +133,49 @@ class WyckoffGPTModel(WyckoffGPTPreTrainedModel):
         numeric_values (`torch.FloatTensor` of shape `(B, T)`): value of each `<num>`, NaN elsewhere.
         attention_mask (`torch.Tensor` of shape `(B, past + T)`): 1 for real tokens, 0 for padding.
         cache (`Cache`): key/value cache (a `DynamicCache` is created when `use_cache` and none is given).
+        output_hidden_states / output_attentions / return_dict: as in every transformers model (attention
+            weights need `attn_implementation="eager"`).
         """
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        length = input_ids.shape[1]
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = default_position_ids(attention_mask, length, past_length).to(input_ids.device)
-        if int(position_ids.max()) >= self.config.n_positions:
-            raise ValueError(f"Sequence position {int(position_ids.max())} exceeds n_positions={self.config.n_positions}.")
+            position_ids = default_position_ids(attention_mask, input_ids.shape[1], past_length).to(input_ids.device)
+        check_positions(position_ids, self.config.n_positions)
         hidden = self.embed(input_ids, numeric_values)
         hidden = self.drop(hidden + sinusoidal_positions(position_ids, self.config.n_embd).to(hidden.dtype))
-        mask = attention_mask_4d(attention_mask, length, past_length)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache)
         for block in self.h:
-            hidden = block(hidden, mask, cache)
+            hidden = block(hidden, mask, cache if use_cache else None)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden), cache=cache if use_cache else None)
-
-
-def kind_lookup(config: WyckoffGPTConfig) -> tuple[tuple[str, ...], torch.Tensor]:
-    """Kind names (in head order) and a (vocab_size,) tensor mapping each token id to its kind index or -1."""
-    unknown = sorted(set(config.numeric_kind_token_ids) - set(DEFAULT_VALUE_KINDS))
-    if unknown:
-        raise ValueError(f"numeric_kind_token_ids has unknown kinds {unknown}; known: {sorted(DEFAULT_VALUE_KINDS)}")
-    names = tuple(name for name in DEFAULT_VALUE_KINDS if name in config.numeric_kind_token_ids)
-    table = torch.full((config.vocab_size,), NO_KIND, dtype=torch.long)
-    for index, name in enumerate(names):
-        table[torch.as_tensor(config.numeric_kind_token_ids[name], dtype=torch.long)] = index
-    return names, table
 
 
 class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
     """WyckoffGPT with a token head and a continuous value head; ``generate`` samples values too."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _keys_to_ignore_on_load_unexpected = [r"kind_of_token"]  # a vocabulary table, rebuilt from the config
 
     def __init__(self, config: WyckoffGPTConfig) -> None:
+        require_numeric_tokens(config, type(self).__name__)
         super().__init__(config)
         self.transformer = WyckoffGPTModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        kind_names, kind_of_token = kind_lookup(config)
-        kinds = [DEFAULT_VALUE_KINDS[name] for name in kind_names] or [DEFAULT_VALUE_KINDS["scalar"]]
-        self.numeric_head = NumericValueHead(config.n_embd, kinds, config.num_mixture_components)
-        self.register_buffer("kind_of_token", kind_of_token)
+        self.numeric_head = numeric_head_from_config(config)
+        self.register_buffer("kind_of_token", kind_lookup(config)[1], persistent=False)
+        self.generation_config.return_dict_in_generate = True
         self.post_init()
 
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        """The value kind of each token id, -1 for none (from ``config.numeric_kind_token_ids``)."""
+        return {"kind_of_token": kind_lookup(self.config)[1]}
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -236,6 +186,8 @@ class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> WyckoffGPTCausalLMOutput:
         r"""
@@ -243,16 +195,18 @@ class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(B, T)`): next-token targets, shifted inside; -100 is ignored
             (for tokens and for the value that follows them).
         logits_to_keep (`int`): if > 0, compute both heads for the last `logits_to_keep` positions only.
+        Extra keyword arguments (e.g. `num_items_in_batch`) go to the loss function.
         """
         outputs = self.transformer(
-            input_ids, numeric_values=numeric_values, attention_mask=attention_mask,
-            position_ids=position_ids, cache=cache, use_cache=use_cache,
+            input_ids, numeric_values=numeric_values, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         hidden, ids = outputs.last_hidden_state, input_ids
         if logits_to_keep > 0:
             hidden, ids = hidden[:, -logits_to_keep:], ids[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        kind_ids = self.kind_of_token.to(ids.device)[ids]
+        kind_ids = self.kind_of_token[ids]
         params = self.numeric_head(hidden, kind_ids)
         loss = token_loss = numeric_loss = None
         if labels is not None:
@@ -260,8 +214,9 @@ class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
             numeric_loss = self.numeric_nll(params, kind_ids, input_ids, numeric_values, labels)
             loss = token_loss + self.config.numeric_loss_weight * numeric_loss
         return WyckoffGPTCausalLMOutput(
-            loss=loss, logits=logits, numeric_params=params, numeric_kind_ids=kind_ids,
-            token_loss=token_loss, numeric_loss=numeric_loss, cache=outputs.cache,
+            loss=loss, logits=logits, numeric_params=params, numeric_kind_ids=kind_ids, token_loss=token_loss,
+            numeric_loss=numeric_loss, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
     def numeric_nll(
@@ -302,37 +257,66 @@ class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
     ):
         """``GenerationMixin.generate`` that also samples the value of every emitted ``<num>``.
 
-        ``numeric_values`` (B, T) are the prompt's values (NaN elsewhere; default all NaN). Values are
-        drawn with the generation ``temperature`` when ``do_sample``, else the heaviest component's mode.
-        Logits processors that implement ``process_numeric_values`` also map each drawn value.
-        Returns what ``GenerationMixin.generate`` returns; with ``return_dict_in_generate=True`` a
-        :class:`~modeling.generation.GenerateNumericOutput` whose ``numeric_values`` align with ``sequences``.
+        ``numeric_values`` (B, T) are the prompt's values (NaN elsewhere; default all NaN). Values are drawn
+        with the generation ``temperature`` when ``do_sample``, else the heaviest component's mode; logits
+        processors that implement ``process_numeric_values`` also map each drawn value. Greedy, sampling,
+        beam search (values of the returned beams, with ``beam_indices`` / ``sequences_scores``) and assisted
+        decoding are supported. The default generation config returns a dict: a
+        :class:`~modeling.generation.GenerateNumericOutput` (``GenerateBeamNumericOutput`` for beams) whose
+        ``numeric_values`` align with ``sequences``; with ``return_dict_in_generate=False`` only token ids come
+        back and the values are lost (a crystal cannot be decoded from them).
         """
+        kwargs.pop("numeric_state", None)  # an assistant's call receives the main model's keyword arguments
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None:
             raise ValueError("WyckoffGPTForCausalLM.generate needs a prompt: pass input_ids (at least <bos>).")
         config = generation_config if generation_config is not None else self.generation_config
-        do_sample = bool(kwargs.get("do_sample", config.do_sample))
-        temperature = kwargs.get("temperature", config.temperature)
+        setting = lambda name: kwargs.get(name, getattr(config, name))  # noqa: E731
+        num_beams = setting("num_beams") or 1
+        if num_beams > 1 and setting("use_cache") is False:
+            raise ValueError("WyckoffGPT beam search needs use_cache=True: the sampled values follow the beams "
+                             "through the cache reorder.")
+        wants_dict = bool(setting("return_dict_in_generate"))
         if numeric_values is None:
             numeric_values = torch.full(input_ids.shape, math.nan, device=input_ids.device)
         if numeric_values.shape != input_ids.shape:
             raise ValueError(f"numeric_values {tuple(numeric_values.shape)} must match input_ids {tuple(input_ids.shape)}")
-        processors = tuple(p for p in (logits_processor or ()) if isinstance(p, NumericValuesProcessor))
+        temperature = setting("temperature")
         state = NumericGenerationState(
-            num_token_id=self.config.num_token_id, do_sample=do_sample,
-            temperature=float(temperature) if temperature is not None else 1.0, processors=processors,
+            num_token_id=self.config.num_token_id, sampler=self._sample_values, do_sample=bool(setting("do_sample")),
+            temperature=float(temperature) if temperature is not None else 1.0,
+            processors=tuple(p for p in (logits_processor or ()) if isinstance(p, NumericValuesProcessor)),
         )
+        if setting("use_cache") is not False and kwargs.get("cache") is None:
+            kwargs["cache"] = DynamicCache(config=self.config)
+        if kwargs.get("cache") is not None:
+            kwargs["cache"].numeric_state = state  # so that a beam reorder reaches the record
         output = super().generate(
             input_ids, generation_config=generation_config, logits_processor=logits_processor,
-            numeric_values=numeric_values.float(), numeric_state=state, **kwargs,
+            numeric_values=numeric_values.float(), numeric_state=state,
+            **{**kwargs, "return_dict_in_generate": True},
         )
-        sequences = output.sequences if isinstance(output, ModelOutput) else output
-        state.extend(sequences, self._sample_values)
-        values = mask_to_num_tokens(sequences, pad_values(state.values, sequences.shape[1]), self.config.num_token_id)
-        if not isinstance(output, ModelOutput):
-            return output
-        return GenerateNumericOutput(**{key: value for key, value in output.items()}, numeric_values=values)
+        if isinstance(output, GenerateBeamDecoderOnlyOutput):
+            prompt = numeric_values.float().repeat_interleave(num_beams, dim=0)
+            values = state.beam_values(output.sequences, output.beam_indices, prompt)
+            result = GenerateBeamNumericOutput(**dict(output.items()), numeric_values=values)
+        else:
+            result = GenerateNumericOutput(**dict(output.items()), numeric_values=state.finish(output.sequences))
+        return result if wants_dict else result.sequences
+
+    def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
+                                 *args, **kwargs):
+        """Assisted decoding: the assistant's draft stops before its first ``<num>`` (the values are ours)."""
+        generator = super()._get_candidate_generator(
+            generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, *args, **kwargs
+        )
+        state = model_kwargs.get("numeric_state")
+        if state is None:
+            return generator
+        if type(generator) is not AssistedCandidateGenerator:
+            raise ValueError(f"{type(self).__name__} supports assisted decoding with an assistant model of the same "
+                             f"vocabulary only (got {type(generator).__name__}): a draft must not invent values.")
+        return NumericCandidateGenerator(generator, state)
 
     def prepare_inputs_for_generation(
         self,
@@ -352,7 +336,7 @@ class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
         else:
             if numeric_state.values is None:
                 numeric_state.values = numeric_values.float()
-            numeric_state.extend(input_ids, self._sample_values)
+            numeric_state.extend(input_ids)
             values = numeric_state.values
         if values is not None:
             values = mask_to_num_tokens(input_ids, pad_values(values, input_ids.shape[1]), self.config.num_token_id)
@@ -360,13 +344,20 @@ class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
         return model_inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
-        """Usual update, plus the continuous-head output at the last position for the next ``<num>``."""
+        """Usual update, plus the value drawn for each row's next token (used if it is a ``<num>``)."""
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         state = model_kwargs.get("numeric_state")
         if state is not None and outputs.numeric_params is not None:
-            state.pending_params = outputs.numeric_params[:, -1]
-            state.pending_kinds = outputs.numeric_kind_ids[:, -1]
+            state.after_forward(outputs.numeric_params, outputs.numeric_kind_ids, kwargs.get("num_new_tokens", 1))
         return model_kwargs
+
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """Beam search: reorder the cache and the record of sampled values with it."""
+        cache.reorder_cache(beam_idx)
+        state = getattr(cache, "numeric_state", None)
+        if state is not None:
+            state.reorder(beam_idx)
+        return cache
 
 
 WyckoffGPTConfig.register_for_auto_class()
@@ -378,5 +369,4 @@ __all__ = [
     "WyckoffGPTForCausalLM",
     "WyckoffGPTModel",
     "WyckoffGPTPreTrainedModel",
-    "sinusoidal_positions",
 ]

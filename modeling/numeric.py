@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,11 @@ class GaussianValueEmbedding(nn.Module):
         linear = torch.stack(grids) if grids else torch.zeros(0, self.num_linear)
         return linear, torch.linspace(*self.log_bounds, self.num_log)
 
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        """The centre grids by buffer name (constants: rebuilt, never learned)."""
+        linear, log = self.centre_grids()
+        return {"linear_centres": linear, "log_centres": log}
+
     def features(self, values: torch.Tensor) -> torch.Tensor:
         """The concatenated expansion (..., num_features) of ``values`` (float32)."""
         values = values.float()
@@ -124,6 +130,65 @@ class GaussianValueEmbedding(nn.Module):
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         features = self.features(values)
         return self.projection(features.to(self.projection.weight.dtype))
+
+
+def value_embedding_from_config(config: Any) -> GaussianValueEmbedding:
+    """The Gaussian value embedding of a config's ``value_*`` grid fields."""
+    return GaussianValueEmbedding(
+        config.n_embd, linear_ranges=config.value_linear_ranges, num_linear=config.value_num_linear,
+        log_range=config.value_log_range, num_log=config.value_num_log,
+    )
+
+
+def add_value_embeddings(
+    embeddings: torch.Tensor, values: torch.Tensor | None, has_value: torch.Tensor, value_embedding: nn.Module
+) -> torch.Tensor:
+    """``embeddings`` (B, T, D) plus the embedding of each value (B, T) where ``has_value`` (no data-dependent branch)."""
+    if values is None:
+        return embeddings
+    has_value = has_value & torch.isfinite(values)
+    safe = torch.where(has_value, values, torch.zeros_like(values))
+    return embeddings + value_embedding(safe) * has_value.unsqueeze(-1).to(embeddings.dtype)
+
+
+def sinusoidal_positions(position_ids: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer sinusoidal position encodings (..., dim) for integer positions (...)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=position_ids.device) / half)
+    angles = position_ids.float().unsqueeze(-1) * frequencies
+    encoding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    return F.pad(encoding, (0, dim - 2 * half))
+
+
+def kind_lookup(config: Any) -> tuple[tuple[str, ...], torch.Tensor]:
+    """Kind names (in head order) and a (vocab_size,) tensor mapping each token id to its kind index or -1.
+
+    Reads ``config.numeric_kind_token_ids`` (kind name -> label token ids) and ``config.vocab_size``.
+    """
+    unknown = sorted(set(config.numeric_kind_token_ids) - set(DEFAULT_VALUE_KINDS))
+    if unknown:
+        raise ValueError(f"numeric_kind_token_ids has unknown kinds {unknown}; known: {sorted(DEFAULT_VALUE_KINDS)}")
+    names = tuple(name for name in DEFAULT_VALUE_KINDS if name in config.numeric_kind_token_ids)
+    table = torch.full((config.vocab_size,), NO_KIND, dtype=torch.long)
+    for index, name in enumerate(names):
+        table[torch.as_tensor(config.numeric_kind_token_ids[name], dtype=torch.long)] = index
+    return names, table
+
+
+def require_numeric_tokens(config: Any, model_name: str) -> None:
+    """Refuse a config without value label tokens: such a model could never emit or read a value."""
+    if not config.numeric_kind_token_ids:
+        raise ValueError(
+            f"{model_name}: config.numeric_kind_token_ids is empty, so the model would have no value heads and "
+            f"every <num> would stay without a value (undecodable crystals). Build the config from the tokenizer: "
+            f"{type(config).__name__}.from_tokenizer(tokenizer, n_layer=..., ...)."
+        )
+
+
+def numeric_head_from_config(config: Any) -> NumericValueHead:
+    """The per-kind mixture head of a config's value kinds (``numeric_kind_token_ids``)."""
+    names, _ = kind_lookup(config)
+    return NumericValueHead(config.n_embd, [DEFAULT_VALUE_KINDS[name] for name in names], config.num_mixture_components)
 
 
 def _mixture_parts(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,6 +271,23 @@ def mixture_sample(
     return _to_domain(kind, draw)
 
 
+def mixture_point_estimate(kind: ValueKind, params: torch.Tensor) -> torch.Tensor:
+    """Differentiable point estimate (...) of raw mixture parameters (..., 3, M), in data units.
+
+    Von Mises: the weighted circular mean of the component locations, as a fraction in [0, 1). Other
+    families: the weighted mean of the standardised locations, mapped back to data units.
+    """
+    logits, loc, _ = params.float().unbind(dim=-2)
+    weights = torch.softmax(logits, dim=-1)
+    if kind.family == "von_mises":
+        angle = torch.atan2((weights * torch.sin(loc)).sum(-1), (weights * torch.cos(loc)).sum(-1))
+        return torch.remainder(angle / (2.0 * math.pi), 1.0)
+    z = (weights * loc).sum(-1)
+    if kind.family == "log_normal":
+        return torch.exp(kind.location + kind.scale * z)
+    return kind.location + kind.scale * z
+
+
 class NumericValueHead(nn.Module):
     """Hidden states (..., n_embd) -> raw mixture parameters (..., 3, M) of the value kind at each position."""
 
@@ -225,6 +307,15 @@ class NumericValueHead(nn.Module):
         index = kind_ids.clamp(min=0)[..., None, None, None].expand(*kind_ids.shape, 1, 3, self.num_components)
         selected = raw.gather(-3, index).squeeze(-3)
         return torch.where((kind_ids >= 0)[..., None, None], selected, torch.zeros_like(selected))
+
+    def point_estimate(self, params: torch.Tensor, kind_ids: torch.Tensor) -> torch.Tensor:
+        """Differentiable point estimate (...) of raw parameters (..., 3, M) of kind ``kind_ids`` (NaN where -1).
+
+        Every kind is evaluated everywhere and the right one selected, so there is no data-dependent branch.
+        """
+        estimates = torch.stack([mixture_point_estimate(kind, params) for kind in self.kinds], dim=-1)
+        selected = estimates.gather(-1, kind_ids.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(kind_ids >= 0, selected, torch.full_like(selected, math.nan))
 
     def log_prob(self, params: torch.Tensor, kind_ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Log-density (N,) of ``values`` (N,) given parameters (N, 3, M) and kinds (N,), all kinds >= 0."""
@@ -254,6 +345,13 @@ class NumericValueHead(nn.Module):
 
 __all__ = [
     "DEFAULT_VALUE_KINDS",
+    "add_value_embeddings",
+    "kind_lookup",
+    "mixture_point_estimate",
+    "numeric_head_from_config",
+    "require_numeric_tokens",
+    "sinusoidal_positions",
+    "value_embedding_from_config",
     "NO_KIND",
     "GaussianValueEmbedding",
     "NumericValueHead",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from importlib import resources
 
 import numpy as np
 import pytest
@@ -22,11 +21,12 @@ from crystal_tokenizers.errors import (
 from crystal_tokenizers.roundtrip import default_matcher, round_trip
 from crystal_tokenizers.tokenization_wyckoff import WyckoffTokenizer
 from crystal_tokenizers.wyckoff import codec
+from crystal_tokenizers.wyckoff.orbit_table import ORBIT_TABLE_JSON
 from crystal_tokenizers.wyckoff.orbits import build_orbit_table_data, load_orbit_table, parse_triple
 
 
 def test_shipped_orbit_table_equals_the_one_built_from_pyxtal():
-    shipped = json.loads(resources.files("crystal_tokenizers").joinpath("data", "wyckoff_orbits.json").read_text())
+    shipped = json.loads(ORBIT_TABLE_JSON)
     built = build_orbit_table_data()
     assert shipped == json.loads(json.dumps(built))
     assert built["n_wyckoff_positions"] == 1731

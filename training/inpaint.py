@@ -12,6 +12,8 @@ replaced by the model's point estimates. Orbits are indexed 0.. in the order of 
 
 from __future__ import annotations
 
+from crystal_tokenizers.loading import load_tokenizer
+
 import heapq
 import json
 import logging
@@ -309,10 +311,10 @@ def read_structures_file(path: str | Path) -> tuple[list[str], list[Structure]]:
 
 def load_inpainting_model(model_dir: str | Path) -> tuple[torch.nn.Module, Any]:
     """A saved CrystalMLM masked model and its tokenizer (``trust_remote_code``)."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM
 
     model = AutoModelForMaskedLM.from_pretrained(str(model_dir), trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+    tokenizer = load_tokenizer(str(model_dir))
     return model, tokenizer
 
 

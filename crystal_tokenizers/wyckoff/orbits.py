@@ -7,7 +7,7 @@ shares one token among positions whose coordinate triples are identical: the 1,7
 230 groups reduce to 940 orbit tokens here (counted by :func:`build_orbit_table_data`). A token is named
 after the first group that has the orbit: ``wp:4a@225`` is the orbit that is 4a in Fm-3m.
 
-The table ships as ``crystal_tokenizers/data/wyckoff_orbits.json`` (regenerate with
+The table ships as the module ``crystal_tokenizers/wyckoff/orbit_table.py`` (JSON text; regenerate with
 ``python -m crystal_tokenizers.wyckoff.orbits``; a test checks it against pyxtal). The group operations
 themselves come from spglib's database (``spglib.get_symmetry_from_database``) for the same Hall setting.
 """
@@ -19,13 +19,12 @@ import json
 import re
 import warnings
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import numpy as np
 import spglib
 
-TABLE_RESOURCE = "wyckoff_orbits.json"
+from crystal_tokenizers.wyckoff.orbit_table import ORBIT_TABLE_JSON
 
 CRYSTAL_SYSTEMS: tuple[str, ...] = (
     "cubic", "hexagonal", "trigonal", "tetragonal", "orthorhombic", "monoclinic", "triclinic",
@@ -172,8 +171,7 @@ def build_orbit_table_data() -> dict[str, Any]:
 @functools.cache
 def load_orbit_table() -> OrbitTable:
     """Load the shipped orbit table (parsed once per process; the result is immutable)."""
-    text = resources.files("crystal_tokenizers").joinpath("data", TABLE_RESOURCE).read_text()
-    data = json.loads(text)
+    data = json.loads(ORBIT_TABLE_JSON)
     triples: dict[str, str] = data["orbits"]
     positions: dict[int, tuple[WyckoffPosition, ...]] = {}
     hall_numbers: dict[int, int] = {}
@@ -212,6 +210,7 @@ if __name__ == "__main__":
     from pathlib import Path
 
     table = build_orbit_table_data()
-    target = Path(__file__).resolve().parents[1] / "data" / TABLE_RESOURCE
-    target.write_text(json.dumps(table, separators=(",", ":"), sort_keys=True))
+    target = Path(__file__).resolve().parent / "orbit_table.py"
+    module = target.read_text().split("ORBIT_TABLE_JSON = ")[0]
+    target.write_text(module + "ORBIT_TABLE_JSON = " + repr(json.dumps(table, separators=(",", ":"), sort_keys=True)) + "\n")
     print(f"{table['n_wyckoff_positions']} Wyckoff positions -> {table['n_orbit_tokens']} orbit tokens -> {target}")

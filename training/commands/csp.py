@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from crystal_tokenizers.loading import load_tokenizer
+
 import argparse
 import json
 import sys
@@ -27,12 +29,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from pymatgen.core import Structure
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from training.sampling import predict_structures
 
     torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    tokenizer = load_tokenizer(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
     cifs = pd.read_csv(args.file)["cif"].tolist()[: args.limit]
     structures = [Structure.from_str(cif, fmt="cif") for cif in cifs]

@@ -7,6 +7,8 @@ The model folder's tokenizer decides: a Wyckoff tokenizer takes its conditions a
 
 from __future__ import annotations
 
+from crystal_tokenizers.loading import load_tokenizer
+
 import argparse
 import json
 import sys
@@ -127,12 +129,12 @@ def write_samples(out: Path, samples: list, crystal_system: str | None) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from training.evaluate import is_structurally_valid
 
     torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    tokenizer = load_tokenizer(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
     try:
         sample, prompt = sampler(args, model, tokenizer)
