@@ -4,7 +4,8 @@ Two sets of strings, one thread: the MP-20 validation sample (``mp20_sample/val.
 default ``SlicesPlusTokenizer``, and the SLICES-PLUS paper's own generated strings
 (``slices_plus_paper/crystal_system_plus_7class.csv``). The baseline is the decoder of commit
 ``--baseline`` (default eb251da, the state the issue measured), loaded from git into a scratch module
-and run on the same strings in the same run; ``--no-baseline`` skips it. ``--profile K`` prints the
+(its graph check through pymatgen's ``StructureGraph``, as then) and run on the same strings in the
+same run; ``--no-baseline`` skips it. ``--profile K`` prints the
 cProfile of the K slowest strings of our decoder.
 
     OMP_NUM_THREADS=1 python benchmarks/slices_decode_speed.py --n-paper 125
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._machine import machine_line  # noqa: E402
 from crystal_tokenizers.errors import CrystalDecodeError, CrystalEncodeError  # noqa: E402
 from crystal_tokenizers.slices.codec import parse_record  # noqa: E402
+from crystal_tokenizers.slices.graph import pymatgen_structure_to_graph  # noqa: E402
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer  # noqa: E402
 
 DATA = Path("/work/shared/data")
@@ -76,7 +78,9 @@ def baseline_decoder(commit: str, tokenizer: SlicesPlusTokenizer) -> Decoder | N
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("_embedding_baseline", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module.structure_to_graph = pymatgen_structure_to_graph  # the graph check as it was (pymatgen's)
 
     def decode(text: str) -> Structure:
         record = parse_record(text)

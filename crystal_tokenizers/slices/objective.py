@@ -53,6 +53,18 @@ class ObjectiveTimeout(Exception):
 
 
 
+_TRIL = np.tril_indices(3)
+
+
+def _incidence(pairs: np.ndarray, n: int) -> np.ndarray:
+    """Dense incidence matrix (len(pairs), n): +1 at the second node of each pair, -1 at the first (0 for a loop)."""
+    matrix = np.zeros((len(pairs), n))
+    rows = np.arange(len(pairs))
+    np.add.at(matrix, (rows, pairs[:, 1]), 1.0)
+    np.add.at(matrix, (rows, pairs[:, 0]), -1.0)
+    return matrix
+
+
 class PlacementObjective:
     """Energy and analytic gradient of cell (6 lower-triangular entries) + fractional positions."""
 
@@ -78,6 +90,9 @@ class PlacementObjective:
         self.loops = self.pairs[:, 0] == self.pairs[:, 1]
         self.symmetry: tuple[np.ndarray, np.ndarray] | None = None  # (rotations K x 3 x 3, permutations K x n)
         self.angle_pairs, self.angle_offsets, self.angle_minima = neighbour_pairs(graph, self.targets, params.angle_slack)
+        self.bond_incidence = _incidence(self.pairs, n)
+        self.angle_incidence = _incidence(self.angle_pairs, n)
+        self.pair_incidence = _incidence(np.column_stack([iu, ju]), n)
 
     def tighten(self, x: np.ndarray) -> None:
         """Set the bond band and repulsion radii from the current shortest bond of every atom.
@@ -100,7 +115,7 @@ class PlacementObjective:
     def lattice(x: np.ndarray) -> np.ndarray:
         """Lower-triangular lattice matrix (rows = lattice vectors, Å) from the first 6 entries."""
         a = np.zeros((3, 3))
-        a[np.tril_indices(3)] = x[:6]
+        a[_TRIL] = x[:6]
         return a
 
     def _bonded_images(self, frac: np.ndarray) -> np.ndarray:
@@ -120,70 +135,67 @@ class PlacementObjective:
             raise ObjectiveTimeout
         lat = self.lattice(x)
         frac = x[6:].reshape(self.n, 3)
-        grad_frac = np.zeros_like(frac)
-        grad_lat = np.zeros((3, 3))
-        # bonds
-        i, j = self.pairs[:, 0], self.pairs[:, 1]
-        delta = frac[j] - frac[i] + self.offsets
+        p = self.params
+        # bonds: delta = f_j - f_i + v through the incidence matrix (rows +1 at j, -1 at i)
+        delta = self.bond_incidence @ frac + self.offsets
         cart = delta @ lat
-        length = np.linalg.norm(cart, axis=1) + 1e-12
+        length = np.sqrt(np.einsum("ij,ij->i", cart, cart)) + 1e-12
         resid = (length - self.targets) / self.targets
         excess = np.maximum(length - self.band, 0.0) / self.targets
-        energy = float(np.sum(resid**2) + self.params.band_weight * np.sum(excess**2))
-        g_cart = ((2 * resid + 2 * self.params.band_weight * excess) / self.targets / length)[:, None] * cart
-        # neighbours of one atom kept apart (bond angles)
-        ai, aj = self.angle_pairs[:, 0], self.angle_pairs[:, 1]
-        adelta = frac[aj] - frac[ai] + self.angle_offsets
-        acart = adelta @ lat
-        alen = np.linalg.norm(acart, axis=1) + 1e-12
-        ashort = np.maximum(self.angle_minima - alen, 0.0) / self.angle_minima
-        wa = self.params.angle_weight
-        energy += wa * float(np.sum(ashort**2))
-        g_acart = (-2 * wa * ashort / self.angle_minima / alen)[:, None] * acart
-        grad_lat += adelta.T @ g_acart
-        g_adelta = g_acart @ lat.T
-        np.add.at(grad_frac, aj, g_adelta)
-        np.add.at(grad_frac, ai, -g_adelta)
-        # repulsion between non-bonded image pairs
-        base = frac[self.pj] - frac[self.pi]
+        energy = float(resid @ resid + p.band_weight * (excess @ excess))
+        g_cart = ((2 * resid + 2 * p.band_weight * excess) / self.targets / length)[:, None] * cart
+        grad_lat = delta.T @ g_cart
+        grad_frac = self.bond_incidence.T @ (g_cart @ lat.T)
+        # neighbours of one atom kept apart (bond angles): only pairs closer than their minimum count
+        if len(self.angle_minima):
+            adelta = self.angle_incidence @ frac + self.angle_offsets
+            acart = adelta @ lat
+            alen = np.sqrt(np.einsum("ij,ij->i", acart, acart)) + 1e-12
+            ashort = np.maximum(self.angle_minima - alen, 0.0) / self.angle_minima
+            energy += p.angle_weight * float(ashort @ ashort)
+            g_acart = (-2 * p.angle_weight * ashort / self.angle_minima / alen)[:, None] * acart
+            grad_lat += adelta.T @ g_acart
+            grad_frac += self.angle_incidence.T @ (g_acart @ lat.T)
+        # repulsion between non-bonded image pairs (only the few closer than their radius)
+        base = self.pair_incidence @ frac
         base -= np.round(base)
-        rdelta = base[:, None, :] + IMAGES[None, :, :]
-        rcart = rdelta @ lat
-        rlen = np.linalg.norm(rcart, axis=-1) + 1e-12
-        rmin = self.rmin[:, None]
-        active = (rlen < rmin) & ~self._bonded_images(frac)
-        over = np.where(active, (rmin - rlen) / rmin, 0.0)
-        w = self.params.repulsion_weight
-        energy += w * float(np.sum(over**2))
-        g_rcart = (-2 * w * over / rmin / rlen)[..., None] * rcart
+        rcart = (base @ lat)[:, None, :] + self.image_cart(lat)[None, :, :]
+        rlen = np.sqrt(np.einsum("pki,pki->pk", rcart, rcart)) + 1e-12
+        close = rlen < self.rmin[:, None]
+        if close.any():
+            close &= ~self._bonded_images(frac)
+            pair, image = np.nonzero(close)
+            rmin = self.rmin[pair]
+            length_close = rlen[pair, image]
+            over = (rmin - length_close) / rmin
+            energy += p.repulsion_weight * float(over @ over)
+            g_rcart = (-2 * p.repulsion_weight * over / rmin / length_close)[:, None] * rcart[pair, image]
+            rdelta = base[pair] + IMAGES[image]
+            grad_lat += rdelta.T @ g_rcart
+            g_pair = np.zeros((len(self.rmin), 3))
+            np.add.at(g_pair, pair, g_rcart @ lat.T)
+            grad_frac += self.pair_incidence.T @ g_pair
         # pressure
         volume = abs(float(np.linalg.det(lat)))
-        pw = self.params.pressure_weight / self.volume0
+        pw = p.pressure_weight / self.volume0
         energy += pw * volume
         grad_lat += pw * volume * np.linalg.inv(lat).T
-        # back-propagate Cartesian gradients to positions and cell
-        grad_lat += delta.T @ g_cart
-        g_delta = g_cart @ lat.T
-        np.add.at(grad_frac, j, g_delta)
-        np.add.at(grad_frac, i, -g_delta)
-        rdelta_flat, g_rcart_flat = rdelta.reshape(-1, 3), g_rcart.reshape(-1, 3)
-        grad_lat += rdelta_flat.T @ g_rcart_flat
-        g_rdelta = (g_rcart @ lat.T).sum(axis=1)
-        np.add.at(grad_frac, self.pj, g_rdelta)
-        np.add.at(grad_frac, self.pi, -g_rdelta)
         if self.symmetry is not None:  # stay in the symmetric subspace: g_i <- mean_k R_k^T g_sigma_k(i)
             rotations, sigmas = self.symmetry
-            grad_frac = np.mean(np.einsum("kni,kij->knj", grad_frac[sigmas], rotations), axis=0)
-        grad = np.concatenate([grad_lat[np.tril_indices(3)], grad_frac.ravel()])
-        return energy, grad
+            grad_frac = np.einsum("kni,kij->nj", grad_frac[sigmas], rotations) / len(rotations)
+        return energy, np.concatenate([grad_lat[_TRIL], grad_frac.ravel()])
 
+    @staticmethod
+    def image_cart(lat: np.ndarray) -> np.ndarray:
+        """Cartesian vectors (Å) of the 27 neighbouring cells."""
+        return IMAGES @ lat
 
 
 def minimise(
     objective: PlacementObjective, lat: np.ndarray, frac: np.ndarray, params: EmbeddingParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """L-BFGS-B from a lower-triangular cell and positions, then ``params.refinements`` re-runs."""
-    x = np.concatenate([lat[np.tril_indices(3)], frac.ravel()])
+    x = np.concatenate([lat[_TRIL], frac.ravel()])
     options = {"maxiter": params.max_iterations}
     x = minimize(objective, x, jac=True, method="L-BFGS-B", options=options).x
     for _ in range(params.refinements):
