@@ -50,7 +50,7 @@ from crystal_tokenizers.slices.automorphisms import (
     symmetrize,
     symmetry_actions,
 )
-from crystal_tokenizers.slices.codec import SymOp
+from crystal_tokenizers.slices.codec import SymOp, drop_unbonded_nodes
 from crystal_tokenizers.slices.graph import CrystalGraph, graphs_match, periodic_rank, shift_gauge, structure_to_graph
 from crystal_tokenizers.slices.objective import EmbeddingParams, ObjectiveTimeout, PlacementObjective, minimise
 from crystal_tokenizers.slices.placement import (
@@ -197,6 +197,7 @@ def embed_checked(
     strategy: str,
     params: EmbeddingParams = EmbeddingParams(),
     attempts: int = len(RETRY_VARIANTS),
+    lenient: bool = False,
 ) -> Structure:
     """``embed``, re-run with the next ``RETRY_VARIANTS`` entry while the decoded crystal's graph (by
     ``strategy``) differs from ``graph``; returns the first matching crystal, else the first one built.
@@ -207,8 +208,24 @@ def embed_checked(
     no symmetry at all. All attempts and their graph checks share the time box
     ``params.time_limit_s`` (an attempt is returned unchecked when its check, estimated by the last one,
     would end past it); the first error is raised when no attempt builds a crystal.
+
+    ``lenient=True`` removes nodes without any bond (otherwise an ``EmbeddingError`` naming them), the
+    other nodes renumbered in order; the removal is listed in ``structure.properties["slices_repairs"]``.
     """
     start = time.monotonic()
+    repairs: list[str] = []
+    if lenient:
+        graph = drop_unbonded_nodes(graph, repairs)
+    structure = _embed_checked(graph, symops, strategy, params, attempts, start)
+    if repairs:
+        structure.properties["slices_repairs"] = repairs
+    return structure
+
+
+def _embed_checked(
+    graph: CrystalGraph, symops: Sequence[SymOp], strategy: str, params: EmbeddingParams, attempts: int, start: float
+) -> Structure:
+    """The attempts of ``embed_checked``."""
     # (operations, parameter changes, tried only when no earlier attempt built a crystal)
     plan = [(tuple(symops), changes, False) for changes in RETRY_VARIANTS[: max(1, attempts)]]
     if symops:
