@@ -132,7 +132,9 @@ def embed(
     except ObjectiveTimeout:
         raise DecodeTimeoutError(f"embedding exceeded its time box of {params.time_limit_s} s") from None
     except np.linalg.LinAlgError as err:
-        raise EmbeddingError(f"degenerate cell or placement: {err}") from err
+        rank = periodic_rank(graph)
+        why = f"; the net's cycles span {rank} of 3 lattice directions, so bonds do not fix the cell" if rank < 3 else ""
+        raise EmbeddingError(f"degenerate cell or placement: {err}{why}") from err
     if not (np.all(np.isfinite(lat)) and np.all(np.isfinite(frac))):
         raise EmbeddingError("optimisation diverged")
     volume_per_atom = abs(np.linalg.det(lat)) / graph.num_nodes
