@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from pymatgen.core import Structure
@@ -34,10 +35,34 @@ from crystal_tokenizers.errors import (
     MalformedSequenceError,
     UnsupportedElementError,
 )
-from crystal_tokenizers.slices import codec, embedding, graph as graphs
+from crystal_tokenizers.slices.codec import (
+    ELEMENT_SYMBOLS,
+    ENCODE_ANGLE_TOLERANCE,
+    ENCODE_SYMPREC,
+    OFFSET_LABELS,
+    ROTATION_ROWS,
+    TRANSLATION_CODES,
+    SlicesRecord,
+    SymOp,
+    format_record,
+    parse_record,
+    split_joined_labels,
+    symmetry_operations,
+)
+from crystal_tokenizers.slices.embedding import EmbeddingParams, RETRY_VARIANTS, embed_checked
+from crystal_tokenizers.slices.graph import (
+    DEFAULT_STRATEGY,
+    CrystalGraph,
+    augment_order,
+    canonical_order,
+    check_sliceable,
+    graphs_match,
+    make_strategy,
+    structure_to_graph,
+)
 
 DEFAULT_MAX_NODES = 64
-DEFAULT_TOKENIZER_STRATEGY = graphs.DEFAULT_STRATEGY
+DEFAULT_TOKENIZER_STRATEGY = DEFAULT_STRATEGY
 """Default neighbour strategy, chosen by round trips (SLICES-PLUS) of ``../shared/data/mp20_sample/train.csv``.
 
 Rows 140-219, an earlier version of this decoder, graph match / StructureMatcher match: minimumdistancenn
@@ -49,11 +74,11 @@ and every graph it writes is a connected 3-periodic net."""
 
 def build_vocabulary(max_nodes: int = DEFAULT_MAX_NODES) -> list[str]:
     """The fixed token list, in id order."""
-    tokens = list(SPECIAL_TOKENS) + list(codec.ELEMENT_SYMBOLS)
+    tokens = list(SPECIAL_TOKENS) + list(ELEMENT_SYMBOLS)
     tokens += [str(k) for k in range(max_nodes)]
-    tokens += list(codec.OFFSET_LABELS)
-    tokens += list(codec.ROTATION_ROWS)
-    tokens += list(codec.TRANSLATION_CODES)
+    tokens += list(OFFSET_LABELS)
+    tokens += list(ROTATION_ROWS)
+    tokens += list(TRANSLATION_CODES)
     return tokens
 
 
@@ -74,10 +99,11 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
         symmetry: bool = True,
         strategy: str = DEFAULT_TOKENIZER_STRATEGY,
         max_nodes: int = DEFAULT_MAX_NODES,
-        symprec: float = codec.ENCODE_SYMPREC,
-        angle_tolerance: float = codec.ENCODE_ANGLE_TOLERANCE,
-        decode_time_limit_s: float = embedding.EmbeddingParams.time_limit_s,
-        decode_attempts: int = len(embedding.RETRY_VARIANTS),
+        symprec: float = ENCODE_SYMPREC,
+        angle_tolerance: float = ENCODE_ANGLE_TOLERANCE,
+        decode_time_limit_s: float = EmbeddingParams.time_limit_s,
+        decode_attempts: int = len(RETRY_VARIANTS),
+        decode_lenient: bool = False,
         bos_token: str = "<bos>",
         eos_token: str = "<eos>",
         pad_token: str = "<pad>",
@@ -85,7 +111,7 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
         mask_token: str = "<mask>",
         **kwargs: Any,
     ) -> None:
-        graphs.make_strategy(strategy)  # fail early on an unknown name
+        make_strategy(strategy)  # fail early on an unknown name
         self._set_vocabulary(self._read_vocabulary(vocab_file) if vocab_file else build_vocabulary(max_nodes))
         self.symmetry = symmetry
         self.strategy = strategy
@@ -94,19 +120,20 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
         self.angle_tolerance = angle_tolerance
         self.decode_time_limit_s = decode_time_limit_s
         self.decode_attempts = decode_attempts
+        self.decode_lenient = decode_lenient
         super().__init__(
             bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, unk_token=unk_token,
             mask_token=mask_token, symmetry=symmetry, strategy=strategy, max_nodes=max_nodes,
             symprec=symprec, angle_tolerance=angle_tolerance, decode_time_limit_s=decode_time_limit_s,
-            decode_attempts=decode_attempts,
+            decode_attempts=decode_attempts, decode_lenient=decode_lenient,
             **kwargs,
         )
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
-        return [piece for word in text.split() for piece in codec.split_joined_labels(word)]
+        return [piece for word in text.split() for piece in split_joined_labels(word)]
 
     # ------------------------------------------------------------------ crystals -> text
-    def structure_to_graph(self, structure: Structure) -> graphs.CrystalGraph:
+    def structure_to_graph(self, structure: Structure) -> CrystalGraph:
         """The crystal graph of ``structure`` in canonical node order (see ``slices.graph``)."""
         name = structure.composition.reduced_formula
         unknown = sorted({site.specie.symbol for site in structure if site.specie.symbol not in self._token_to_id})
@@ -114,9 +141,9 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
             raise UnsupportedElementError(f"{name}: species {unknown} are not in the vocabulary")
         if len(structure) > self.max_nodes:
             raise GraphConstructionError(f"{name}: {len(structure)} sites exceed max_nodes={self.max_nodes}")
-        raw = graphs.structure_to_graph(structure, self.strategy)
-        graphs.check_sliceable(raw, name)
-        return raw.permuted(graphs.canonical_order(raw, structure.frac_coords))
+        raw = structure_to_graph(structure, self.strategy)
+        check_sliceable(raw, name)
+        return raw.permuted(canonical_order(raw, structure.frac_coords))
 
     def structure_to_string(self, structure: Structure, augment: bool = False, seed: int | None = None) -> str:
         """Encode ``structure`` as SLICES(-PLUS) text in canonical node order.
@@ -125,29 +152,41 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
         string for data augmentation (``seed`` makes it reproducible). Raises ``CrystalEncodeError``.
         """
         crystal_graph = self.structure_to_graph(structure)
-        symops: tuple[codec.SymOp, ...] = ()
+        symops: tuple[SymOp, ...] = ()
         if self.symmetry:
-            symops = codec.symmetry_operations(structure, self.symprec, self.angle_tolerance)
+            symops = symmetry_operations(structure, self.symprec, self.angle_tolerance)
         if augment:
-            crystal_graph, _ = graphs.augment_order(crystal_graph, seed)
+            crystal_graph, _ = augment_order(crystal_graph, seed)
             shuffled = list(symops)
             random.Random(seed).shuffle(shuffled)
             symops = tuple(shuffled)
-        return codec.format_record(codec.SlicesRecord(crystal_graph, symops))
+        return format_record(SlicesRecord(crystal_graph, symops))
 
     # ------------------------------------------------------------------ text -> crystals
-    def string_to_record(self, text: str) -> codec.SlicesRecord:
-        """Parse text into the graph and operations (no geometry built); ``MalformedSequenceError``."""
-        record = codec.parse_record(text)
+    def string_to_record(self, text: str, lenient: bool | None = None) -> SlicesRecord:
+        """Parse text into the graph and operations (no geometry built); ``MalformedSequenceError``
+        naming the token and the reason. ``lenient`` (default: the tokenizer's ``decode_lenient``) repairs
+        what can be repaired instead (``codec.parse_record``), listed in the record's ``repairs``."""
+        record = parse_record(text, lenient=self.decode_lenient if lenient is None else lenient)
         if record.graph.num_nodes > self.max_nodes:
             raise MalformedSequenceError(f"{record.graph.num_nodes} nodes exceed max_nodes={self.max_nodes}")
         return record
 
-    def string_to_structure(self, text: str) -> Structure:
-        """Decode text to a ``Structure`` whose sites follow the string's nodes; ``CrystalDecodeError``."""
-        record = self.string_to_record(text)
-        params = embedding.EmbeddingParams(time_limit_s=self.decode_time_limit_s)
-        return embedding.embed_checked(record.graph, record.symops, self.strategy, params, self.decode_attempts)
+    def string_to_structure(self, text: str, lenient: bool | None = None) -> Structure:
+        """Decode text to a ``Structure`` whose sites follow the string's nodes; ``CrystalDecodeError``.
+
+        ``lenient=True`` (default: the tokenizer's ``decode_lenient``) decodes a malformed string after
+        the repairs of ``codec.parse_record`` (dangling or out-of-range edges and bad symmetry groups
+        dropped, unbonded nodes removed, so sites then follow the kept nodes); the repairs are listed in
+        ``structure.properties["slices_repairs"]`` (absent when none were needed), so that callers can
+        count repaired decodes separately.
+        """
+        record = self.string_to_record(text, lenient)
+        params = EmbeddingParams(time_limit_s=self.decode_time_limit_s)
+        structure = embed_checked(record.graph, record.symops, self.strategy, params, self.decode_attempts)
+        if record.repairs:
+            structure.properties["slices_repairs"] = list(record.repairs)
+        return structure
 
     def ids_to_text(self, input_ids: Sequence[int]) -> str:
         """Text of one id sequence: specials dropped, stops at the first ``<eos>`` after content."""
@@ -166,15 +205,23 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
             tokens.append(token)
         return self.convert_tokens_to_string(tokens)
 
-    def decode_structure(self, input_ids: Sequence[int]) -> Structure:
-        """Decode one id sequence to a ``Structure``; raises ``CrystalDecodeError``."""
-        return self.string_to_structure(self.ids_to_text(input_ids))
+    def decode_structure(self, input_ids: Sequence[int], lenient: bool | None = None) -> Structure:
+        """Decode one id sequence to a ``Structure``; raises ``CrystalDecodeError`` (``lenient``: see
+        ``string_to_structure``)."""
+        return self.string_to_structure(self.ids_to_text(input_ids), lenient)
 
-    def decode_structures(self, sequences: Any) -> list[Structure | CrystalDecodeError]:
-        """Decode a batch: ``model.generate`` output (with ``.sequences``), a tensor or lists of ids."""
+    def decode_structures(
+        self, sequences: Any, lenient: bool | None = None, num_proc: int = 1
+    ) -> list[Structure | CrystalDecodeError]:
+        """Decode a batch: ``model.generate`` output (with ``.sequences``), a tensor or lists of ids.
+
+        ``num_proc`` > 1 decodes in that many worker processes (one thread each), in input order;
+        ``lenient``: see ``string_to_structure``.
+        """
         if hasattr(sequences, "sequences"):
             sequences = sequences.sequences
-        return [decode_or_error(lambda ids=ids: self.decode_structure(ids)) for ids in to_list(sequences)]
+        texts = [decode_or_error(lambda ids=ids: self.ids_to_text(ids)) for ids in to_list(sequences)]
+        return decode_texts_parallel(self, texts, lenient, num_proc)
 
     def grammar_processor(self, **kwargs: Any):
         """A ``LogitsProcessor`` that only allows parsable, decodable continuations (see ``slices.grammar``)."""
@@ -192,19 +239,52 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
         """
         try:
             expected = self.structure_to_graph(original)
-            found = graphs.structure_to_graph(decoded, self.strategy)
+            found = structure_to_graph(decoded, self.strategy)
         except CrystalEncodeError:
             return False
-        return graphs.graphs_match(expected, found)
+        return graphs_match(expected, found)
 
     def string_graph_matches(self, text: str, decoded: Structure) -> bool:
         """Whether ``decoded`` has the crystal graph written in ``text`` (the SLICES validity check)."""
         try:
-            expected = codec.parse_record(text).graph
-            found = graphs.structure_to_graph(decoded, self.strategy)
+            expected = parse_record(text).graph
+            found = structure_to_graph(decoded, self.strategy)
         except (CrystalDecodeError, CrystalEncodeError):
             return False
-        return graphs.graphs_match(expected, found)
+        return graphs_match(expected, found)
+
+
+_worker_tokenizer: SlicesPlusTokenizer | None = None  # set in each worker process of decode_texts_parallel
+
+
+def _init_worker(tokenizer: SlicesPlusTokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _decode_in_worker(job: tuple[str, bool | None]) -> Structure | CrystalDecodeError:
+    text, lenient = job
+    return decode_or_error(lambda: _worker_tokenizer.string_to_structure(text, lenient))  # type: ignore[union-attr]
+
+
+def decode_texts_parallel(
+    tokenizer: SlicesPlusTokenizer,
+    texts: Sequence[str | CrystalDecodeError],
+    lenient: bool | None = None,
+    num_proc: int = 1,
+) -> list[Structure | CrystalDecodeError]:
+    """``tokenizer.string_to_structure`` of every text (an error item passes through), in input order,
+    in ``num_proc`` worker processes when > 1 (each decode is single-threaded numpy/scipy)."""
+    jobs = [(k, t) for k, t in enumerate(texts) if isinstance(t, str)]
+    results: list[Structure | CrystalDecodeError] = list(texts)  # type: ignore[arg-type]
+    if num_proc <= 1 or len(jobs) < 2:
+        decoded = [decode_or_error(lambda t=t: tokenizer.string_to_structure(t, lenient)) for _, t in jobs]
+    else:
+        with ProcessPoolExecutor(min(num_proc, len(jobs)), initializer=_init_worker, initargs=(tokenizer,)) as pool:
+            decoded = list(pool.map(_decode_in_worker, [(t, lenient) for _, t in jobs], chunksize=1))
+    for (k, _), item in zip(jobs, decoded):
+        results[k] = item
+    return results
 
 
 SlicesPlusTokenizer.register_for_auto_class("AutoTokenizer")

@@ -105,3 +105,38 @@ def test_format_is_canonical_and_reparses():
     text = codec.format_record(codec.SlicesRecord(graph, ()))
     assert text == "Na Cl 0 0 o + o 0 1 o o o 0 1 + o o"
     assert codec.parse_record(text).graph == graph
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("Na Cl 0 5 o o o", "names node 5, but the string has 2 nodes (0-1)"),
+        ("Na Cl 0 1 o o o 0 1", "incomplete: '0 1' (the string ends after 0 of its 3 image labels)"),
+        ("Na Cl 0 1 o o o 0 1 o x o 0 1 + o o", "invalid image labels ['o', 'x', 'o'] ('x' is a rotation letter)"),
+        ("Na Cl 0 0 o o o 0 1 o o o", "bonds node 0 to itself in the same cell"),
+        ("Na Cl 0 1 o o o i u y 1s 1s 1s Na", "7 tokens, not a multiple of 6; token 13 'Na' is an element symbol"),
+        ("Na Cl 0 1 o o o i u 1s 1s 1s 1s", "('1s' is a translation code; a group is 3 rotation letters"),
+    ],
+)
+def test_malformed_strings_say_exactly_why(text, reason):
+    with pytest.raises(MalformedSequenceError) as err:
+        codec.parse_record(text)
+    assert reason in str(err.value)
+
+
+def test_lenient_parse_repairs_and_lists_what_it_changed():
+    text = "Na Cl K 0 1 o o o 0 1 + o o 0 1 o + o 0 1 o o + 0 7 o o o 1 1 + o o 0 1 i u y 1s 1s 1s i u"
+    with pytest.raises(MalformedSequenceError):
+        codec.parse_record(text)
+    record = codec.parse_record(text, lenient=True)
+    assert record.graph.species == ("Na", "Cl")  # unbonded K removed
+    assert len(record.graph.edges) == 5 and len(record.symops) == 1
+    assert len(record.repairs) == 4
+    assert [r.split(":")[0] for r in record.repairs] == ["dropped", "dropped", "dropped", "removed"]
+    assert codec.parse_record(format_like := codec.format_record(record), lenient=True).repairs == ()
+    assert codec.parse_record(format_like).graph == record.graph
+
+
+def test_lenient_parse_of_a_well_formed_string_changes_nothing():
+    text = "Na Cl 0 1 o o o 0 1 + o o 0 1 o + o 0 1 o o + i u y 1s 1s 1s"
+    assert codec.parse_record(text, lenient=True) == codec.parse_record(text)

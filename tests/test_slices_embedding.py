@@ -229,3 +229,33 @@ def test_decoded_cluster_crystal_has_no_overlapping_atoms(sample_table):
 def test_min_separation_counts_periodic_images():
     frac = np.array([[0.0, 0.0, 0.0], [0.98, 0.0, 0.0]])
     assert embedding.min_separation(frac, 5.0 * np.eye(3)) == pytest.approx(0.1)
+
+
+def test_vectorised_minimum_distance_graph_is_pymatgens(sample_table):
+    """The fast graph check gives pymatgen's MinimumDistanceNN edges, also for strained cells, jittered
+    sites and coordinates outside [0, 1) (the image convention)."""
+    from crystal_tokenizers.slices.graph import pymatgen_structure_to_graph
+
+    rng = np.random.default_rng(0)
+    compared = 0
+    for cif in sample_table.cif[:60]:
+        structure = Structure.from_str(cif, fmt="cif")
+        frac = structure.frac_coords + rng.normal(0, 0.01, structure.frac_coords.shape)
+        frac += rng.integers(-1, 2, frac.shape)
+        matrix = structure.lattice.matrix @ (np.eye(3) + rng.normal(0, 0.05, (3, 3)))
+        for crystal in (structure, Structure(Lattice(matrix), structure.species, frac)):
+            for strategy in ("minimumdistancenn", "minimumdistancenn_adaptive"):
+                assert structure_to_graph(crystal, strategy) == pymatgen_structure_to_graph(crystal, strategy)
+                compared += 1
+    assert compared == 240
+
+
+def test_lenient_embedding_removes_unbonded_nodes(rocksalt):
+    graph = structure_to_graph(rocksalt.get_primitive_structure(), "minimumdistancenn")
+    with_isolated = CrystalGraph((*graph.species, "K"), graph.edges)
+    with pytest.raises(EmbeddingError, match=r"nodes \[2\] have no bonds"):
+        embedding.embed_checked(with_isolated, (), "minimumdistancenn")
+    decoded = embedding.embed_checked(with_isolated, (), "minimumdistancenn", lenient=True)
+    assert [site.specie.symbol for site in decoded] == list(graph.species)
+    assert decoded.properties["slices_repairs"] == ["removed: nodes [2] (K) have no bonds"]
+    assert graphs_match(graph, structure_to_graph(decoded, "minimumdistancenn"))

@@ -120,3 +120,26 @@ def test_fuzzed_ids_decode_to_a_structure_or_a_typed_error(ids):
     tokenizer = SlicesPlusTokenizer(decode_time_limit_s=2.0)
     result = tokenizer.decode_structures([ids])[0]
     assert isinstance(result, (Structure, CrystalDecodeError))
+
+
+def test_lenient_decode_repairs_and_marks_the_structure(tokenizer, sample_structures):
+    text = tokenizer.structure_to_string(sample_structures[0])
+    n = len(codec.parse_record(text).graph.species)
+    dangling = text.split()  # add an edge to a node beyond the element list and one dangling index
+    k = next(i for i, t in enumerate(dangling) if t in codec.ROTATION_ROWS) if tokenizer.symmetry else len(dangling)
+    dangling = " ".join(dangling[:k] + [str(n + 3), "0", "o", "o", "o", "1"] + dangling[k:])
+    with pytest.raises(MalformedSequenceError, match=f"names node {n + 3}, but the string has {n} nodes"):
+        tokenizer.string_to_structure(dangling)
+    decoded = tokenizer.string_to_structure(dangling, lenient=True)
+    assert len(decoded) == n and len(decoded.properties["slices_repairs"]) == 2
+    assert "slices_repairs" not in tokenizer.string_to_structure(text, lenient=True).properties
+
+
+def test_parallel_batch_decode_keeps_order_and_errors(tokenizer, sample_structures):
+    texts = tokenizer.structures_to_strings(sample_structures[:3]) + ["Na Cl 0 5 o o o"]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    serial = tokenizer.decode_structures(ids)
+    parallel = tokenizer.decode_structures(ids, num_proc=2)
+    assert isinstance(parallel[-1], MalformedSequenceError) and isinstance(serial[-1], MalformedSequenceError)
+    for one, two in zip(serial[:3], parallel[:3]):
+        assert np.allclose(one.frac_coords, two.frac_coords) and np.allclose(one.lattice.matrix, two.lattice.matrix)

@@ -1,7 +1,10 @@
 """SLICES / SLICES-PLUS: crystal graphs as text, and our own graph -> crystal decoder.
 
 ``graph`` (Structure <-> labelled quotient graph), ``codec`` (graph + symmetry operations <-> text),
-``embedding`` (graph -> coordinates and cell). ``SlicesPlusTokenizer`` wraps them for HuggingFace.
+``embedding`` (graph -> coordinates and cell: the retry control), built from ``placement`` (bond targets,
+barycentric placement, first cell), ``objective`` (the placement objective and its minimiser),
+``automorphisms`` (which rotations act on the net, and how) and ``primitive`` (the primitive net of a
+centred cell). ``SlicesPlusTokenizer`` wraps them for HuggingFace.
 """
 
 from crystal_tokenizers.slices.codec import SlicesRecord, SymOp, format_record, parse_record, symmetry_operations

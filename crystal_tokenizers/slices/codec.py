@@ -89,6 +89,8 @@ class SlicesRecord:
 
     graph: CrystalGraph
     symops: tuple[SymOp, ...]
+    repairs: tuple[str, ...] = ()
+    """What a lenient parse (``parse_record(text, lenient=True)``) changed; empty for a well-formed string."""
 
 
 def nearest_code(value: float) -> str:
@@ -133,7 +135,25 @@ def format_record(record: SlicesRecord) -> str:
     return " ".join(tokens)
 
 
-def _parse_edges(tokens: Sequence[str], start: int, num_nodes: int) -> tuple[list[Edge], int]:
+def _token_kind(token: str) -> str:
+    """What a token is in the vocabulary, for error messages."""
+    if token in _ELEMENTS:
+        return "an element symbol"
+    if _INDEX.match(token):
+        return "a node index"
+    if token in OFFSET_LABELS or _JOINED_LABELS.match(token):
+        return "an image label"
+    if token in ROTATION_ROWS:
+        return "a rotation letter"
+    if token in TRANSLATION_CODES:
+        return "a translation code"
+    return "not a SLICES token"
+
+
+def _parse_edges(
+    tokens: Sequence[str], start: int, num_nodes: int, repairs: list[str] | None = None
+) -> tuple[list[Edge], int]:
+    """Edges from token ``start`` on; with ``repairs`` (lenient), bad edges are dropped and described there."""
     edges: list[Edge] = []
     k = start
     while k < len(tokens) and _INDEX.match(tokens[k]):
@@ -141,49 +161,111 @@ def _parse_edges(tokens: Sequence[str], start: int, num_nodes: int) -> tuple[lis
             labels, width = list(tokens[k + 2]), 3
         else:
             labels, width = list(tokens[k + 2 : k + 5]), 5
+        problem = None
         if k + 1 >= len(tokens) or not _INDEX.match(tokens[k + 1]) or len(labels) != 3:
-            raise MalformedSequenceError(f"edge at token {k} is incomplete: {' '.join(tokens[k:k + 5])!r}")
-        if any(label not in OFFSET_LABELS for label in labels):
-            raise MalformedSequenceError(f"edge at token {k} has invalid image labels {labels}")
-        i, j = int(tokens[k]), int(tokens[k + 1])
-        if i >= num_nodes or j >= num_nodes:
-            raise MalformedSequenceError(f"edge {i}-{j} at token {k} names a node >= {num_nodes}")
-        offset = tuple(OFFSET_LABELS[label] for label in labels)
-        if i == j and offset == (0, 0, 0):
-            raise MalformedSequenceError(f"edge at token {k} bonds node {i} to itself in the same cell")
-        edges.append(orient_edge((i, j, *offset)))
+            problem = f"edge at token {k} is incomplete: {' '.join(tokens[k:k + 5])!r}"
+            if k + 1 < len(tokens) and not _INDEX.match(tokens[k + 1]):
+                problem += f" (token {k + 1} {tokens[k + 1]!r} is {_token_kind(tokens[k + 1])}, not a node index)"
+            elif len(labels) != 3:
+                problem += f" (the string ends after {len(labels)} of its 3 image labels)"
+            width = next((w for w in range(1, 5) if k + w >= len(tokens) or not _is_edge_token(tokens[k + w], w)), 5)
+        elif any(label not in OFFSET_LABELS for label in labels):
+            bad = next(label for label in labels if label not in OFFSET_LABELS)
+            problem = f"edge at token {k} has invalid image labels {labels} ({bad!r} is {_token_kind(bad)})"
+            position = k + 2 + next(w for w, label in enumerate(labels) if label not in OFFSET_LABELS)
+            group = tokens[position : position + 6]
+            starts_group = len(group) == 6 and all(t in ROTATION_ROWS for t in group[:3]) and all(
+                t in TRANSLATION_CODES for t in group[3:])
+            starts_next = _INDEX.match(bad) or starts_group
+            width = position - k if starts_next else 5  # resume at the next edge or the symmetry part
+        else:
+            i, j = int(tokens[k]), int(tokens[k + 1])
+            offset = tuple(OFFSET_LABELS[label] for label in labels)
+            if i >= num_nodes or j >= num_nodes:
+                problem = (f"edge {i}-{j} at token {k} names node {max(i, j)}, but the string has {num_nodes} "
+                           f"nodes (0-{num_nodes - 1})")
+            elif i == j and offset == (0, 0, 0):
+                problem = f"edge at token {k} bonds node {i} to itself in the same cell"
+            else:
+                edges.append(orient_edge((i, j, *offset)))  # type: ignore[arg-type]
+        if problem is not None:
+            if repairs is None:
+                raise MalformedSequenceError(problem)
+            repairs.append(f"dropped: {problem}")
         k += width
     return edges, k
 
 
-def _parse_symops(tokens: Sequence[str], start: int) -> tuple[SymOp, ...]:
+def _is_edge_token(token: str, position: int) -> bool:
+    """Whether ``token`` can stand at ``position`` (0-4) of an edge."""
+    return bool(_INDEX.match(token)) if position < 2 else token in OFFSET_LABELS or bool(_JOINED_LABELS.match(token))
+
+
+def _parse_symops(tokens: Sequence[str], start: int, repairs: list[str] | None = None) -> tuple[SymOp, ...]:
+    """Operations from token ``start`` on; with ``repairs`` (lenient), bad groups are dropped and described there."""
     rest = tokens[start:]
-    if len(rest) % 6:
-        raise MalformedSequenceError(f"symmetry part has {len(rest)} tokens, not a multiple of 6")
     ops: dict[SymOp, None] = {}
-    for g in range(0, len(rest), 6):
+    if len(rest) % 6 and repairs is None:
+        stray = next((start + g for g, t in enumerate(rest) if t not in ROTATION_ROWS and t not in TRANSLATION_CODES), None)
+        where = f"; token {stray} {tokens[stray]!r} is {_token_kind(tokens[stray])}" if stray is not None else ""
+        raise MalformedSequenceError(f"symmetry part (from token {start}) has {len(rest)} tokens, not a multiple of 6{where}")
+    for g in range(0, len(rest) - len(rest) % 6, 6):
         group = rest[g : g + 6]
-        if any(t not in ROTATION_ROWS for t in group[:3]) or any(t not in TRANSLATION_CODES for t in group[3:]):
-            raise MalformedSequenceError(f"invalid symmetry group {' '.join(group)!r} at token {start + g}")
+        bad = next((t for t in group[:3] if t not in ROTATION_ROWS), None) or next(
+            (t for t in group[3:] if t not in TRANSLATION_CODES), None)
+        if bad is not None:
+            problem = (f"invalid symmetry group {' '.join(group)!r} at token {start + g} ({bad!r} is {_token_kind(bad)}; "
+                       "a group is 3 rotation letters then 3 translation codes)")
+            if repairs is None:
+                raise MalformedSequenceError(problem)
+            repairs.append(f"dropped: {problem}")
+            continue
         rotation = tuple(ROTATION_ROWS[t] for t in group[:3])
         ops.setdefault(SymOp(rotation, tuple(TRANSLATION_CODES[t] for t in group[3:])), None)  # type: ignore[arg-type]
+    if len(rest) % 6 and repairs is not None:
+        repairs.append(f"dropped: the last {len(rest) % 6} tokens of the symmetry part, an incomplete group")
     return tuple(ops)
 
 
-def parse_record(text: str) -> SlicesRecord:
-    """Parse SLICES or SLICES-PLUS text (either edge form); MalformedSequenceError if invalid."""
+def parse_record(text: str, lenient: bool = False) -> SlicesRecord:
+    """Parse SLICES or SLICES-PLUS text (either edge form); MalformedSequenceError naming the token and why.
+
+    ``lenient=True`` repairs what can be repaired instead of raising: edges that name a node beyond
+    the element list, incomplete (dangling) or mislabelled edges, same-cell self-bonds and invalid or
+    incomplete symmetry groups are dropped, and nodes left without any bond are removed (the others
+    renumbered); each repair is described in ``SlicesRecord.repairs``. A string with no element
+    symbols or no usable edge still raises.
+    """
     tokens = text.split()
+    repairs: list[str] | None = [] if lenient else None
     num_nodes = 0
     while num_nodes < len(tokens) and tokens[num_nodes] in _ELEMENTS:
         num_nodes += 1
     if num_nodes == 0:
-        raise MalformedSequenceError(f"no element symbols at the start of {text[:40]!r}")
-    edges, end = _parse_edges(tokens, num_nodes, num_nodes)
+        first = tokens[0] if tokens else ""
+        raise MalformedSequenceError(f"no element symbols at the start of {text[:40]!r} (token 0 {first!r} is "
+                                     f"{_token_kind(first)})")
+    edges, end = _parse_edges(tokens, num_nodes, num_nodes, repairs)
     if not edges:
-        raise MalformedSequenceError(f"no edges after the {num_nodes} element symbols")
-    symops = _parse_symops(tokens, end)
+        after = f"; token {end} {tokens[end]!r} is {_token_kind(tokens[end])}" if end < len(tokens) else ""
+        raise MalformedSequenceError(f"no edges after the {num_nodes} element symbols{after}")
+    symops = _parse_symops(tokens, end, repairs)
     graph = CrystalGraph(tuple(tokens[:num_nodes]), tuple(edges)).canonical()
-    return SlicesRecord(graph, symops)
+    if repairs is not None:
+        graph = drop_unbonded_nodes(graph, repairs)
+    return SlicesRecord(graph, symops, tuple(repairs or ()))
+
+
+def drop_unbonded_nodes(graph: CrystalGraph, repairs: list[str]) -> CrystalGraph:
+    """The graph without its unbonded nodes (the others renumbered in order); the removal noted in ``repairs``."""
+    bonded = sorted({k for e in graph.edges for k in e[:2]})
+    if len(bonded) == graph.num_nodes:
+        return graph
+    isolated = sorted(set(range(graph.num_nodes)) - set(bonded))
+    repairs.append(f"removed: nodes {isolated} ({' '.join(graph.species[k] for k in isolated)}) have no bonds")
+    index = {old: new for new, old in enumerate(bonded)}
+    edges = tuple((index[i], index[j], a, b, c) for i, j, a, b, c in graph.edges)
+    return CrystalGraph(tuple(graph.species[k] for k in bonded), edges).canonical()
 
 
 def split_joined_labels(token: str) -> list[str]:

@@ -22,6 +22,7 @@ SLICES encoder defaults to EconNN, which any tokenizer can use (``strategy="econ
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import random
 import warnings
@@ -141,7 +142,27 @@ def _graph_by(structure: Structure, near_neighbors: NearNeighbors, strategy: str
 
 
 def structure_to_graph(structure: Structure, strategy: str = DEFAULT_STRATEGY) -> CrystalGraph:
-    """The labelled quotient graph of ``structure`` in its own site order (offsets in its cell)."""
+    """The labelled quotient graph of ``structure`` in its own site order (offsets in its cell).
+
+    MinimumDistanceNN (and its adaptive variant) run through ``minimum_distance_graphs``, a vectorised
+    form of pymatgen's rule that gives the same edges (tested against pymatgen on real crystals) in a
+    fraction of the time; the other strategies through pymatgen's ``StructureGraph``.
+    """
+    _check_structure(structure)
+    key = strategy.lower()
+    if key == "minimumdistancenn":
+        return minimum_distance_graphs(structure, (_MDNN_DEFAULT_TOL,))[0]
+    if key != ADAPTIVE_STRATEGY:
+        return _graph_by(structure, make_strategy(strategy), strategy)
+    for graph in minimum_distance_graphs(structure, ADAPTIVE_TOLERANCES):
+        if is_connected_3_periodic(graph):
+            break
+    return graph
+
+
+def pymatgen_structure_to_graph(structure: Structure, strategy: str = DEFAULT_STRATEGY) -> CrystalGraph:
+    """``structure_to_graph`` through pymatgen's ``StructureGraph`` for every strategy (the reference of
+    ``minimum_distance_graphs``)."""
     _check_structure(structure)
     if strategy.lower() != ADAPTIVE_STRATEGY:
         return _graph_by(structure, make_strategy(strategy), strategy)
@@ -150,6 +171,46 @@ def structure_to_graph(structure: Structure, strategy: str = DEFAULT_STRATEGY) -
         if is_connected_3_periodic(graph):
             break
     return graph
+
+
+_MDNN_DEFAULT_TOL = 0.1  # pymatgen's MinimumDistanceNN default
+_MDNN_CUTOFF = 10.0  # Å, pymatgen's MinimumDistanceNN default search radius
+_SAME_POINT = 1e-8  # Å, pymatgen's get_neighbors leaves out sites this close (the site itself)
+
+
+def minimum_distance_graphs(structure: Structure, tols: Sequence[float]) -> list[CrystalGraph]:
+    """The MinimumDistanceNN graph of ``structure`` at each tolerance in ``tols``, vectorised.
+
+    pymatgen's rule: site ``j`` in cell ``v`` is a neighbour of site ``i`` when their distance is below
+    ``(1 + tol) d_i`` (``d_i``: the shortest distance from ``i`` within 10 Å); a bond is kept when either
+    end lists the other. Distances are computed once for every image within ``(1 + max(tols))`` times
+    the largest ``d_i`` (an upper bound from the 27 nearest cells first).
+    """
+    frac = np.asarray(structure.frac_coords, dtype=float)
+    lat = np.asarray(structure.lattice.matrix, dtype=float)
+    species = tuple(site.specie.symbol for site in structure)
+    n = len(frac)
+    diff = frac[None, :, :] - frac[:, None, :]  # diff[i, j] = f_j - f_i
+    near = diff - np.round(diff)
+    first = np.array(list(itertools.product((-1, 0, 1), repeat=3)), dtype=float)
+    d27 = np.linalg.norm((near[:, :, None, :] + first[None, None, :, :]) @ lat, axis=-1)
+    d27[d27 <= _SAME_POINT] = np.inf
+    bound = float(np.min(d27, axis=(1, 2)).max())
+    radius = min(_MDNN_CUTOFF, (1.0 + max(tols)) * bound) + 1e-6
+    heights = np.linalg.norm(np.linalg.inv(lat), axis=0)  # |fractional component| per Å along each axis
+    reach = np.ceil(radius * heights + 1.0).astype(int)
+    images = np.array(list(itertools.product(*(range(-r, r + 1) for r in reach))), dtype=float)
+    vectors = (near[:, :, None, :] + images[None, None, :, :]) @ lat
+    dist = np.linalg.norm(vectors, axis=-1)  # (n, n, images)
+    dist[(dist <= _SAME_POINT) | (dist > _MDNN_CUTOFF)] = np.inf
+    shortest = np.min(dist, axis=(1, 2))
+    graphs = []
+    for tol in tols:
+        i, j, k = np.nonzero(dist < (1.0 + tol) * shortest[:, None, None])
+        offsets = (images[k] + near[i, j] - diff[i, j]).round().astype(int)  # image of f_j + v next to f_i
+        edges = {orient_edge((int(a), int(b), *map(int, v))) for a, b, v in zip(i, j, offsets)}
+        graphs.append(CrystalGraph(species, tuple(sorted(edges))))
+    return graphs
 
 
 def periodic_rank(graph: CrystalGraph) -> int:

@@ -13,6 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
+from pymatgen.core import Lattice
 
 from crystal_tokenizers.slices.codec import ROTATION_ROWS
 
@@ -101,3 +102,11 @@ def rotation_algebra() -> RotationAlgebra:
 
 
 __all__ = ["MAX_POINT_GROUP_ORDER", "RotationAlgebra", "finite_rotation_triples", "rotation_algebra"]
+
+
+def reduced_basis(basis: np.ndarray, metric: np.ndarray) -> np.ndarray:
+    """Columns: the LLL-reduced basis (pymatgen) of the lattice whose basis columns ``basis`` are given in
+    cell fractions, reduced under the cell's metric tensor ``metric`` (Å²)."""
+    mapping = Lattice(basis.T @ np.linalg.cholesky(metric).T).lll_mapping
+    return (np.round(mapping) @ basis.T).T
+
