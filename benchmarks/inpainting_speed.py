@@ -21,6 +21,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 from _machine import machine_line  # noqa: E402
 
 SAMPLE = ROOT / "crystal_tokenizers" / "data" / "mp20_sample.csv"

@@ -2,7 +2,9 @@
 
 Sources (train rows): mp_20/train, mp20_sample/train, perov_5/val, carbon_24/val, elastic_tensor_2015/train.
 Held out: mp_20/val and mp20_sample/val (the inpainting evaluation crystals), by id and by a
-StructureMatcher fit (pymatgen defaults) against every held-out crystal of the same reduced formula.
+StructureMatcher fit (pymatgen defaults) against every held-out crystal of the same reduced formula,
+space group (spglib, symprec 0.1 Å) and number of sites (the key keeps carbon_24's 2,000 all-carbon
+crystals from a quadratic number of fits).
 Duplicates inside the union are removed the same way (first source wins). The CSV has a ``split`` column
 (train = the union, validation = mp_20/val), so ``crystal-lm prepare-data`` keeps it as given:
 
@@ -49,6 +51,17 @@ def _structures(cifs: pd.Series) -> list:
         return [Structure.from_str(c, fmt="cif") for c in cifs]
 
 
+def _key(structure) -> tuple[str, int, int]:
+    """Reduced formula, space group (spglib at 0.1 Å; 0 if it fails) and number of sites."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        group = SpacegroupAnalyzer(structure, symprec=0.1).get_space_group_number()
+    except Exception:  # noqa: BLE001 - spglib failure: group 0 (compared with the other failures only)
+        group = 0
+    return structure.composition.reduced_formula, group, len(structure)
+
+
 def build_union() -> tuple[pd.DataFrame, dict[str, int]]:
     """The union's train rows plus mp_20/val as validation, and counts of what was dropped and why."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -58,7 +71,7 @@ def build_union() -> tuple[pd.DataFrame, dict[str, int]]:
     held_ids = set(held["material_id"])
     kept_by_formula: dict[str, list] = defaultdict(list)
     for structure in _structures(held["cif"]):
-        kept_by_formula[structure.composition.reduced_formula].append(("held", structure))
+        kept_by_formula[_key(structure)].append(("held", structure))
     counts = {"rows": 0, "duplicate_id": 0, "held_out_id": 0, "held_out_match": 0, "duplicate_match": 0}
     keep, seen = [], set()
     for name in TRAIN_SOURCES:
@@ -71,7 +84,7 @@ def build_union() -> tuple[pd.DataFrame, dict[str, int]]:
             if row.material_id in seen:
                 counts["duplicate_id"] += 1
                 continue
-            group = kept_by_formula[structure.composition.reduced_formula]
+            group = kept_by_formula[_key(structure)]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 hit = next((kind for kind, other in group if matcher.fit(structure, other)), None)

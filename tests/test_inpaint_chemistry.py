@@ -96,3 +96,36 @@ def test_baselines_fill_every_masked_orbit(token_lists):
         (_, smact_fill), = rankers[2](context, np.zeros((1, 1)), ["O"], 1)
         neutral += is_charge_neutral(completed_counts(context, smact_fill))
     assert neutral >= 18
+
+
+def test_inpaint_chemistry_option_and_fill_mask_rerank(tokenizer):
+    import torch
+    from transformers import pipeline
+
+    from modeling import CrystalMLMConfig, CrystalMLMForMaskedLM
+    from training.inpaint import chemistry_fill_mask, inpaint
+
+    torch.manual_seed(0)
+    model = CrystalMLMForMaskedLM(CrystalMLMConfig.from_tokenizer(
+        tokenizer, n_layer=1, n_embd=32, n_head=2, n_inner=64, num_mixture_components=2)).eval()
+    structures = [Structure.from_str(c, fmt="cif") for c in pd.read_csv(SAMPLE)["cif"].head(12)]
+    with_oxygen = [s for s in structures if "O" in s.composition.chemical_system.split("-")][:4]
+    plain = inpaint(with_oxygen, model, tokenizer, mask_element="O", top_k=3)
+    chem = inpaint(with_oxygen, model, tokenizer, mask_element="O", top_k=3, chemistry=True)
+    from training.evaluate import is_compositionally_valid
+    neutral_plain = sum(is_compositionally_valid(r.completions[0].structure.composition) for r in plain if r.completions)
+    neutral_chem = sum(is_compositionally_valid(r.completions[0].structure.composition) for r in chem if r.completions)
+    assert all(r.error is None and r.completions for r in chem)
+    assert neutral_chem >= neutral_plain
+    for result, structure in zip(chem, with_oxygen):
+        present = {str(e) for e in structure.composition.elements} - {"O"}
+        assert all(c.species[0] not in present for c in result.completions), "a tied mask takes an absent element"
+    words = tokenizer.structure_to_string(with_oxygen[0]).split()
+    words = ["<mask>" if w == "O" and words[i + 1].startswith("wp:") else w for i, w in enumerate(words[:-1])] + words[-1:]
+    text = " ".join(words)
+    answers = pipeline("fill-mask", model=model, tokenizer=tokenizer)(text, top_k=6)
+    ranked = chemistry_fill_mask(text, answers, top_k=4, tied=True)
+    assert 1 <= len(ranked) <= 4
+    flags = [r["charge_neutral"] for r in ranked]
+    assert flags == sorted(flags, reverse=True), "charge-neutral completions come first"
+    assert all(r["sequence"].count("<mask>") == 0 for r in ranked)

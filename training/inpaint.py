@@ -303,6 +303,46 @@ def inpaint(
     return [results[index] for index in range(len(structures))]
 
 
+_FILL_MASK_FLOOR = 1e-6
+"""Probability given to an element missing from one mask's candidate list (it was in another's)."""
+
+
+def chemistry_fill_mask(text: str, answers: Sequence[Any], top_k: int = 5, tied: bool = False) -> list[dict[str, Any]]:
+    """Joint completions of a ``fill-mask`` pipeline's answers, charge-neutral (SMACT) first.
+
+    ``text`` is the masked token text given to ``pipeline("fill-mask", ...)`` and ``answers`` its output
+    (one candidate list per ``<mask>``, as for ``top_k`` > 1; a single mask's flat list is accepted). Each
+    mask's candidates are the pool; joint assignments are ranked by the product of the pipeline's scores
+    and re-ranked by SMACT validity of the completed composition (orbit multiplicities from the text).
+    Returns ``{"species", "score", "charge_neutral", "sequence"}`` dicts, best first.
+    """
+    from training.chemistry import chemistry_rerank, completed_counts, is_charge_neutral, model_pool
+
+    words = text.split()
+    masked = tuple(i for i, w in enumerate(words) if w == "<mask>")
+    if not masked:
+        raise InpaintError("the text has no <mask> token")
+    per_site = [answers] if answers and isinstance(answers[0], dict) else list(answers)
+    if len(per_site) != len(masked):
+        raise InpaintError(f"{len(per_site)} answer lists for {len(masked)} masked sites")
+    elements = sorted({c["token_str"].strip() for site in per_site for c in site})
+    log_probs = np.full((len(masked), len(elements)), math.log(_FILL_MASK_FLOOR))
+    for row, site in enumerate(per_site):
+        for candidate in site:
+            log_probs[row, elements.index(candidate["token_str"].strip())] = math.log(max(candidate["score"], 1e-300))
+    context = MaskContext(tuple(words), masked, tied)
+    width = max(top_k, 64)
+    ranked = chemistry_rerank(context, model_pool(context, log_probs, elements, width, exclude_present=tied))[:top_k]
+    out = []
+    for score, species in ranked:
+        filled = list(words)
+        for position, element in zip(masked, species):
+            filled[position] = element
+        out.append({"species": list(species), "score": math.exp(score),
+                    "charge_neutral": is_charge_neutral(completed_counts(context, species)), "sequence": " ".join(filled)})
+    return out
+
+
 def read_structures_file(path: str | Path) -> tuple[list[str], list[Structure]]:
     """Names and structures from a CIF file, a folder of CIFs or a CSV with a ``cif`` column."""
     import pandas as pd
@@ -385,6 +425,7 @@ def inpaint_file(
 
 __all__ = [
     "Completion",
+    "chemistry_fill_mask",
     "InpaintError",
     "InpaintFileReport",
     "InpaintRequest",
