@@ -125,10 +125,21 @@ def chemistry_rerank(context: MaskContext, candidates: Candidates) -> Candidates
     return [c for c, ok in zip(candidates, neutral) if ok] + [c for c, ok in zip(candidates, neutral) if not ok]
 
 
-def chemistry_ranker(pool: int = DEFAULT_POOL, beam: int = DEFAULT_BEAM) -> Ranker:
-    """The chemistry-aware ranker: a model pool of assignments re-ranked by SMACT validity of the composition."""
+ElementPrior = Callable[[MaskContext, Sequence[str]], np.ndarray]
+"""(context, candidate elements) -> a log-prior per candidate element, added to every masked orbit's log-probability."""
+
+
+def chemistry_ranker(pool: int = DEFAULT_POOL, beam: int = DEFAULT_BEAM, prior: ElementPrior | None = None,
+                     prior_weight: float = 1.0) -> Ranker:
+    """The chemistry-aware ranker: a model pool of assignments re-ranked by SMACT validity of the composition.
+
+    With ``prior`` (e.g. :func:`cooccurrence_prior`), each orbit's log-probabilities get
+    ``prior_weight`` × the log-prior added before the pool is drawn (a product of experts).
+    """
 
     def rank(context: MaskContext, log_probs: np.ndarray, elements: Sequence[str], top_k: int) -> Candidates:
+        if prior is not None:
+            log_probs = log_probs + prior_weight * prior(context, elements)[None, :]
         width = max(top_k, pool if context.tied else beam)
         if not context.tied:
             # keep only the `pool` best elements per orbit so the beam explores alternatives to the top one
@@ -153,13 +164,19 @@ def model_ranker(context: MaskContext, log_probs: np.ndarray, elements: Sequence
 
 
 def element_statistics(token_lists: Iterable[Sequence[str]]) -> tuple[Counter, Counter]:
-    """Crystals containing each element, and crystals containing each (ordered) pair of elements."""
+    """Crystals containing each element, and crystals containing each (ordered) pair of elements.
+
+    The pair (e, e) counts the crystals where e occupies two or more orbits, so that a masked orbit can
+    take an element already present elsewhere in the crystal.
+    """
     frequency: Counter = Counter()
     pairs: Counter = Counter()
     for tokens in token_lists:
-        present = sorted({tokens[i] for i in element_positions(tokens)})
+        orbit_elements = Counter(tokens[i] for i in element_positions(tokens))
+        present = sorted(orbit_elements)
         frequency.update(present)
         pairs.update((a, b) for a, b in itertools.permutations(present, 2))
+        pairs.update((e, e) for e, n in orbit_elements.items() if n >= 2)
     return frequency, pairs
 
 
@@ -193,6 +210,20 @@ def cooccurrence_baseline(frequency: Counter, pairs: Counter) -> Ranker:
         return [(0.0, _fill(context, order))]
 
     return rank
+
+
+def cooccurrence_log_prior(frequency: Counter, pairs: Counter) -> ElementPrior:
+    """Σ over unmasked elements u of ln P(e | u) from training co-occurrence counts (add-one smoothed), per element."""
+    total = max(len(frequency), 1)
+
+    def prior(context: MaskContext, elements: Sequence[str]) -> np.ndarray:
+        known = list(context.known_counts())
+        if not known:
+            n = sum(frequency.values()) or 1
+            return np.array([np.log((frequency[e] + 1) / (n + total)) for e in elements])
+        return np.array([sum(np.log((pairs[(u, e)] + 1) / (frequency[u] + total)) for u in known) for e in elements])
+
+    return prior
 
 
 def smact_baseline(frequency: Counter, pool: int = 30, limit: int = 400) -> Ranker:
@@ -230,6 +261,7 @@ __all__ = [
     "chemistry_rerank",
     "completed_counts",
     "cooccurrence_baseline",
+    "cooccurrence_log_prior",
     "element_statistics",
     "is_charge_neutral",
     "model_pool",
