@@ -80,6 +80,9 @@ def test_chemistry_ranker_puts_neutral_fills_first():
     ranked = chemistry_ranker(pool=5)(context, log_probs, elements, 4)
     assert [species for _, species in ranked] == [("O",), ("S",), ("F",), ("Cl",)]
     assert ranked[0][0] == pytest.approx(np.log(0.15))
+    soft = chemistry_ranker(pool=5, penalty=0.5)(context, log_probs, elements, 4)
+    assert [species for _, species in soft] == [("F",), ("Cl",), ("O",), ("S",)], "ln .4 - .5 > ln .3 - .5 > ln .15 > ln .1"
+    assert soft[0][0] == pytest.approx(np.log(0.4) - 0.5)
 
 
 def test_baselines_fill_every_masked_orbit(token_lists):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -119,10 +120,17 @@ def model_pool(context: MaskContext, log_probs: np.ndarray, elements: Sequence[s
     return [(score, tuple(elements[j] for j in ids)) for score, ids in _beam(log_probs, width, allowed)]
 
 
-def chemistry_rerank(context: MaskContext, candidates: Candidates) -> Candidates:
-    """Charge-neutral (SMACT-valid) completions first, each group in its given order."""
+def chemistry_rerank(context: MaskContext, candidates: Candidates, penalty: float = float("inf")) -> Candidates:
+    """Charge-neutral (SMACT-valid) completions first, each group in its given order.
+
+    A finite ``penalty`` (nats) re-scores instead: a completion that is not SMACT-valid loses ``penalty``
+    from its log-probability, so a confident non-neutral completion (an intermetallic, say) can still win.
+    """
     neutral = [is_charge_neutral(completed_counts(context, assignment)) for _, assignment in candidates]
-    return [c for c, ok in zip(candidates, neutral) if ok] + [c for c, ok in zip(candidates, neutral) if not ok]
+    if math.isinf(penalty):
+        return [c for c, ok in zip(candidates, neutral) if ok] + [c for c, ok in zip(candidates, neutral) if not ok]
+    rescored = [(score - (0.0 if ok else penalty), assignment) for (score, assignment), ok in zip(candidates, neutral)]
+    return sorted(rescored, key=lambda item: -item[0])
 
 
 ElementPrior = Callable[[MaskContext, Sequence[str]], np.ndarray]
@@ -130,11 +138,12 @@ ElementPrior = Callable[[MaskContext, Sequence[str]], np.ndarray]
 
 
 def chemistry_ranker(pool: int = DEFAULT_POOL, beam: int = DEFAULT_BEAM, prior: ElementPrior | None = None,
-                     prior_weight: float = 1.0) -> Ranker:
+                     prior_weight: float = 1.0, penalty: float = float("inf")) -> Ranker:
     """The chemistry-aware ranker: a model pool of assignments re-ranked by SMACT validity of the composition.
 
     With ``prior`` (e.g. :func:`cooccurrence_prior`), each orbit's log-probabilities get
-    ``prior_weight`` × the log-prior added before the pool is drawn (a product of experts).
+    ``prior_weight`` × the log-prior added before the pool is drawn (a product of experts). ``penalty``:
+    see :func:`chemistry_rerank` (infinite: every SMACT-valid completion ranks above every invalid one).
     """
 
     def rank(context: MaskContext, log_probs: np.ndarray, elements: Sequence[str], top_k: int) -> Candidates:
@@ -148,7 +157,7 @@ def chemistry_ranker(pool: int = DEFAULT_POOL, beam: int = DEFAULT_BEAM, prior: 
             np.put_along_axis(masked, keep, np.take_along_axis(log_probs, keep, axis=1), axis=1)
             log_probs = masked
         candidates = model_pool(context, log_probs, elements, width, exclude_present=context.tied)
-        return chemistry_rerank(context, candidates)[:top_k]
+        return chemistry_rerank(context, candidates, penalty)[:top_k]
 
     return rank
 
