@@ -435,7 +435,7 @@ def reconstruction_metrics(model_dir: Path, texts: list[str], frequency: Counter
 # --------------------------------------------------------------------------------------------------
 
 VALIDATION_SETS = ("mp_20/val.csv", "mp20_sample/val.csv")
-METHODS = ("model", "model + chemistry", "model + chemistry + co-occurrence prior", "model + chemistry (soft, 2 nats)", "most frequent", "co-occurrence", "SMACT only")
+METHODS = ("model", "model + chemistry", "model + chemistry + co-occurrence prior", "model + chemistry (soft 2 nats)", "most frequent", "co-occurrence", "SMACT only")
 METRICS = ("element_top1", "composition", "compositional", "match", "decoded")
 
 
@@ -463,7 +463,7 @@ def species_rankers(train_tokens: list[list[str]]) -> dict[str, Any]:
     frequency, pairs = element_statistics(train_tokens)
     return {"model": model_ranker, "model + chemistry": chemistry_ranker(),
             "model + chemistry + co-occurrence prior": chemistry_ranker(prior=cooccurrence_log_prior(frequency, pairs)),
-            "model + chemistry (soft, 2 nats)": chemistry_ranker(penalty=2.0),
+            "model + chemistry (soft 2 nats)": chemistry_ranker(penalty=2.0),
             "most frequent": most_frequent_baseline(frequency),
             "co-occurrence": cooccurrence_baseline(frequency, pairs), "SMACT only": smact_baseline(frequency)}
 
@@ -537,7 +537,7 @@ def _species_verdict(table: dict[str, Any]) -> str:
     """Does each chemistry-aware variant beat every baseline (top-1 element of masked orbits) on every setting?"""
     lines, settings = [], sorted({tuple(k.split(" | ")[:2]) for k in table})
     baselines = ("most frequent", "co-occurrence", "SMACT only")
-    for variant in ("model + chemistry", "model + chemistry + co-occurrence prior", "model + chemistry (soft, 2 nats)"):
+    for variant in ("model + chemistry", "model + chemistry + co-occurrence prior", "model + chemistry (soft 2 nats)"):
         wins = 0
         for name, setting in settings:
             chem = table[f"{name} | {setting} | {variant}"]
