@@ -34,7 +34,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 from _machine import machine_line  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "mp_20"
@@ -251,6 +252,93 @@ def stability_report(work: Path, data_dir: Path, folds: int, steps: int) -> dict
     return report
 
 
+@torch.no_grad()
+def predict_on_hull_probability(model_dir: Path, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """P(on hull) (softmax of class 1) of a saved two-class sequence classifier for token texts."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start:start + batch_size], padding=True, return_tensors="pt")
+        out.append(torch.softmax(model(**encoded).logits.float(), dim=-1)[:, 1].numpy())
+    return np.concatenate(out)
+
+
+def roc_auc(truth: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties); NaN with one class only."""
+    from scipy.stats import rankdata
+
+    positives, negatives = int(truth.sum()), int((~truth).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def labelled_rows(data_dir: Path, split: str = "train") -> Any:
+    """Rows of a prepared split with an e_above_hull label."""
+    from training.data import load_split
+
+    rows = load_split(data_dir, split)
+    keep = [i for i, p in enumerate(rows["properties"])
+            if p.get("e_above_hull") is not None and math.isfinite(float(p["e_above_hull"]))]
+    return rows.select(keep)
+
+
+def all_rows_cross_validation(work: Path, data_dir: Path, pretrained: Path, folds: int, steps: int, seed: int = 0) -> dict[str, Any]:
+    """Stability on every labelled row (all crystal systems): k folds, classifier vs logistic baseline on the same folds.
+
+    Per crystal system of the pooled held-out predictions: n, on-hull fraction, accuracy and ROC AUC of the
+    classifier (from the pre-trained backbone), the logistic regression on composition + space group, and
+    the constant majority prediction.
+    """
+    from training.data import write_shards
+
+    rows = labelled_rows(data_dir)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    truth = on_hull(rows)
+    systems = np.array(rows["crystal_system"])
+    scores = {"classifier": np.zeros(len(rows)), "baseline": np.zeros(len(rows)), "constant": np.zeros(len(rows))}
+    for fold in range(folds):
+        held = np.zeros(len(rows), dtype=bool)
+        held[order[fold::folds]] = True
+        fold_dir = work / "stability_all" / f"fold{fold}"
+        fit, test = rows.select(np.flatnonzero(~held).tolist()), rows.select(np.flatnonzero(held).tolist())
+        write_shards(fit, fold_dir / "data", "train", 50_000)
+        write_shards(test, fold_dir / "data", "validation", 50_000)
+        train_stage("crystal_mlm_stability.yaml", output_dir=str(fold_dir / "run"), **{
+            "data.path": str(fold_dir), "model.pretrained": str(pretrained), "loop.micro_batch_size": 32,
+            "loop.max_steps": steps, "checkpoint.every_steps": steps, "eval.every_steps": steps})
+        scores["classifier"][held] = predict_on_hull_probability(fold_dir / "run" / "final", list(test["text"]))
+        logistic = LogisticBaseline().fit(composition_features(fit), on_hull(fit))
+        scores["baseline"][held] = logistic._design(composition_features(test)) @ logistic.weights
+        scores["constant"][held] = float(on_hull(fit).mean() >= 0.5)
+    thresholds = {"classifier": 0.5, "baseline": 0.0, "constant": 0.5}
+    report: dict[str, Any] = {"folds": folds, "steps": steps, "n": len(rows), "systems": {}}
+    for system in [*sorted(set(systems)), "all"]:
+        mask = systems == system if system != "all" else np.ones(len(rows), dtype=bool)
+        entry = {"n": int(mask.sum()), "on_hull_fraction": float(truth[mask].mean())}
+        for name, score in scores.items():
+            predicted = score[mask] >= thresholds[name] if name != "baseline" else score[mask] > 0.0
+            entry[f"{name}_accuracy"] = float((predicted == truth[mask]).mean())
+            entry[f"{name}_auc"] = roc_auc(truth[mask], score[mask]) if name != "constant" else 0.5
+        report["systems"][system] = entry
+    return report
+
+
+def _all_rows_table(report: dict[str, Any]) -> str:
+    lines = [f"stability on all {report['n']} labelled rows, {report['folds']}-fold CV (same folds), {report['steps']} steps per fold",
+             "| crystal system | n | on hull | constant acc. | classifier acc. | logistic acc. | classifier AUC | logistic AUC | acc. ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for system, e in report["systems"].items():
+        lines.append(f"| {system} | {e['n']} | {e['on_hull_fraction']:.3f} | {e['constant_accuracy']:.3f} | "
+                     f"{e['classifier_accuracy']:.3f} | {e['baseline_accuracy']:.3f} | {e['classifier_auc']:.3f} | "
+                     f"{e['baseline_auc']:.3f} | {_ratio(e['classifier_accuracy'], e['baseline_accuracy'])} |")
+    return "\n".join(lines)
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b > 0 else "n/a"
 
@@ -343,6 +431,128 @@ def reconstruction_metrics(model_dir: Path, texts: list[str], frequency: Counter
 
 
 # --------------------------------------------------------------------------------------------------
+# Species table: the model (plain, chemistry-aware) against the species baselines, same masks
+# --------------------------------------------------------------------------------------------------
+
+VALIDATION_SETS = ("mp_20/val.csv", "mp20_sample/val.csv")
+METHODS = ("model", "model + chemistry", "model + chemistry + co-occurrence prior", "model + chemistry (soft 2 nats)", "most frequent", "co-occurrence", "SMACT only")
+METRICS = ("element_top1", "composition", "compositional", "match", "decoded")
+
+
+def validation_texts(tokenizer: Any, name: str) -> list[str]:
+    """Token texts of a shared validation CSV (crystals that fail to encode are left out)."""
+    import pandas as pd
+    from pymatgen.core import Structure
+
+    texts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for cif in pd.read_csv(SHARED.parent / name)["cif"]:
+            try:
+                texts.append(tokenizer.structure_to_string(Structure.from_str(cif, fmt="cif")))
+            except Exception:  # noqa: BLE001 - an unencodable crystal is skipped and counted by the caller
+                continue
+    return texts
+
+
+def species_rankers(train_tokens: list[list[str]]) -> dict[str, Any]:
+    """Every method of :data:`METHODS` as a ranker (None: the plain model)."""
+    from training.chemistry import chemistry_ranker, cooccurrence_baseline, element_statistics, model_ranker
+    from training.chemistry import cooccurrence_log_prior, most_frequent_baseline, smact_baseline
+
+    frequency, pairs = element_statistics(train_tokens)
+    return {"model": model_ranker, "model + chemistry": chemistry_ranker(),
+            "model + chemistry + co-occurrence prior": chemistry_ranker(prior=cooccurrence_log_prior(frequency, pairs)),
+            "model + chemistry (soft 2 nats)": chemistry_ranker(penalty=2.0),
+            "most frequent": most_frequent_baseline(frequency),
+            "co-occurrence": cooccurrence_baseline(frequency, pairs), "SMACT only": smact_baseline(frequency)}
+
+
+def score_results(results: list[Any], originals: list[Any]) -> dict[str, float]:
+    """Top-1 metrics: masked-orbit element accuracy, composition, SMACT validity, StructureMatcher, decoded."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from training.evaluate import is_compositionally_valid
+
+    matcher = StructureMatcher()
+    hits: Counter = Counter()
+    orbits = sum(len(r.masked_orbits) for r in results)
+    for result, original in zip(results, originals):
+        if not result.completions:
+            continue
+        best = result.completions[0]
+        hits["decoded"] += 1
+        hits["element_top1"] += sum(a == b for a, b in zip(best.species, result.original_species))
+        hits["compositional"] += is_compositionally_valid(best.structure.composition)
+        hits["composition"] += best.structure.composition.almost_equals(original.composition)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hits["match"] += bool(matcher.fit(best.structure, original))
+    n = len(results)
+    return {"element_top1": hits["element_top1"] / max(orbits, 1), "composition": hits["composition"] / n,
+            "compositional": hits["compositional"] / n, "match": hits["match"] / n, "decoded": hits["decoded"] / n,
+            "n": n, "masked_orbits": orbits}
+
+
+def species_table(model_dir: Path, train_texts: list[str], seed: int = 0, methods: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every method on every validation set × mask type × σ̃ (the same masks and noise for all methods).
+
+    Baselines choose species only; their coordinates are the model's denoised ones (the forward pass
+    does not depend on the chosen species), so the columns differ only in the species.
+    """
+    from training.inpaint import inpaint_requests, load_inpainting_model
+
+    model, tokenizer = load_inpainting_model(model_dir)
+    train_tokens = [tokenizer.convert_ids_to_tokens(tokenizer(t)["input_ids"]) for t in train_texts]
+    rankers = {k: v for k, v in species_rankers(train_tokens).items() if methods is None or k in methods}
+    frequency = element_frequency(train_texts, tokenizer)
+    table: dict[str, Any] = {}
+    for name in VALIDATION_SETS:
+        texts = validation_texts(tokenizer, name)
+        originals = [tokenizer.string_to_structure(text) for text in texts]
+        for mask_type in MASK_TYPES:
+            for noise in NOISE_LEVELS:
+                requests = mask_requests(texts, tokenizer, mask_type, noise, frequency, seed)
+                for method, ranker in rankers.items():
+                    start = time.perf_counter()
+                    results = inpaint_requests(model, tokenizer, requests, top_k=1, seed=seed, ranker=ranker)
+                    row = score_results(results, originals)
+                    row["seconds"] = time.perf_counter() - start
+                    table[f"{name} | {mask_type} σ̃={noise} | {method}"] = row
+                    print(f"{name} {mask_type} {noise} {method}: " + " ".join(f"{k}={row[k]:.3f}" for k in METRICS), flush=True)
+    return table
+
+
+def _species_markdown(table: dict[str, Any]) -> str:
+    lines = ["| validation set | mask, σ̃ | method | top-1 element (masked orbits) | composition | SMACT valid | match |",
+             "|---|---|---|---|---|---|---|"]
+    for key, row in table.items():
+        name, setting, method = key.split(" | ")
+        lines.append(f"| {name} (n={row['n']}) | {setting} | {method} | {row['element_top1']:.3f} | {row['composition']:.3f} | "
+                     f"{row['compositional']:.3f} | {row['match']:.3f} |")
+    return "\n".join(lines)
+
+
+def _species_verdict(table: dict[str, Any]) -> str:
+    """Does each chemistry-aware variant beat every baseline (top-1 element of masked orbits) on every setting?"""
+    lines, settings = [], sorted({tuple(k.split(" | ")[:2]) for k in table})
+    baselines = ("most frequent", "co-occurrence", "SMACT only")
+    for variant in ("model + chemistry", "model + chemistry + co-occurrence prior", "model + chemistry (soft 2 nats)"):
+        wins = 0
+        for name, setting in settings:
+            chem = table[f"{name} | {setting} | {variant}"]
+            best = {m: table[f"{name} | {setting} | {m}"] for m in baselines}
+            ok = all(chem["element_top1"] > b["element_top1"] for b in best.values())
+            wins += ok
+            top = max(best, key=lambda m: best[m]["element_top1"])
+            lines.append(f"{variant}: {name} {setting}: {chem['element_top1']:.3f} vs best baseline {top} "
+                         f"{best[top]['element_top1']:.3f} (ratio {_ratio(chem['element_top1'], best[top]['element_top1'])}), "
+                         f"charge-neutral {chem['compositional']:.3f} -> {'beats all' if ok else 'does NOT beat all'}")
+        lines.append(f"{variant} beats every baseline (top-1 element) on {wins}/{len(settings)} settings")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
 # Property fine-tuning
 # --------------------------------------------------------------------------------------------------
 
@@ -405,7 +615,11 @@ def _markdown_table(tables: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=("prepare", "pretrain", "stability", "gan", "property", "evaluate", "all"))
+    parser.add_argument("stage", choices=("prepare", "pretrain", "stability", "gan", "property", "evaluate", "species", "stability-all", "all"))
+    parser.add_argument("--methods", default=None, help="species: comma-separated subset of the methods")
+    parser.add_argument("--model-dir", type=Path, default=None, help="species: the saved masked model (default: WORK/pretrain/final)")
+    parser.add_argument("--train-data", type=Path, default=None,
+                        help="species: prepared dataset whose train split gives the element statistics (default: WORK/data/mp20)")
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "inpainting")
     parser.add_argument("--pretrain-steps", type=int, default=800)
     parser.add_argument("--stability-steps", type=int, default=300)
@@ -456,6 +670,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"validation rows: {SHARED / 'val.csv'} ({len(texts)} crystals)")
         print(_markdown_table({"pre-trained": tables["pretrain"], "adversarial": tables["gan"]}))
         print(_stability_table(log["stability_accuracy"]))
+    if args.stage == "stability-all":
+        log["stability_all"] = all_rows_cross_validation(
+            work, args.train_data or data, args.model_dir or work / "pretrain" / "final",
+            max(args.stability_folds, 2), args.stability_steps)
+        print(_all_rows_table(log["stability_all"]))
+    if args.stage == "species":
+        from training.data import load_split
+
+        train_texts = list(load_split(args.train_data or data, "train")["text"])
+        log["species"] = species_table(args.model_dir or work / "pretrain" / "final", train_texts,
+                                       methods=args.methods.split(",") if args.methods else None)
+        print(_species_markdown(log["species"]))
+        if not args.methods:
+            print(_species_verdict(log["species"]))
     work.mkdir(parents=True, exist_ok=True)
     with open(work / f"experiments_{args.stage}.json", "w") as handle:
         json.dump(log, handle, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v))

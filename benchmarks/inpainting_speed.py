@@ -21,6 +21,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 from _machine import machine_line  # noqa: E402
 
 SAMPLE = ROOT / "crystal_tokenizers" / "data" / "mp20_sample.csv"
@@ -36,14 +37,14 @@ def load_structures(n: int) -> list:
         return [Structure.from_str(cif, fmt="cif") for cif in pd.read_csv(SAMPLE)["cif"].head(n)]
 
 
-def models(tokenizer) -> tuple[torch.nn.Module, torch.nn.Module]:
+def models(tokenizer, config: Path = CONFIG) -> tuple[torch.nn.Module, torch.nn.Module]:
     """CrystalMLMForMaskedLM of the small config and a BertForMaskedLM of the same width, depth and vocabulary."""
     from transformers import BertConfig, BertForMaskedLM
 
     from modeling.configuration_crystal_mlm import CrystalMLMConfig
     from modeling.modeling_crystal_mlm import CrystalMLMForMaskedLM
 
-    sizes = yaml.safe_load(CONFIG.read_text())["model"]["config"]
+    sizes = yaml.safe_load(config.read_text())["model"]["config"]
     torch.manual_seed(0)
     mlm = CrystalMLMForMaskedLM(CrystalMLMConfig.from_tokenizer(tokenizer, **sizes))
     bert = BertForMaskedLM(BertConfig(
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crystals", type=int, default=200)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--config", type=Path, default=CONFIG, help="training config whose model sizes are used")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.inpaint import inpaint, inpaint_requests, plan_request
 
     tokenizer = WyckoffTokenizer()
-    mlm, bert = models(tokenizer)
+    mlm, bert = models(tokenizer, args.config)
     structures = load_structures(args.crystals)
 
     start = time.perf_counter()
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(structures)
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     print(machine_line())
-    print(f"{n} crystals of {SAMPLE.name}; mask 30 % of orbits, σ̃ = 0.1, top-5; batches of {args.batch_size}, {args.steps} steps")
+    print(f"model sizes of {args.config.name}; {n} crystals of {SAMPLE.name}; mask 30 % of orbits, σ̃ = 0.1, top-5; batches of {args.batch_size}, {args.steps} steps")
     print("| figure | value |")
     print("|---|---|")
     print(f"| inpainting, Structure in -> top-5 Structures out (crystals/s) | {n / end_to_end_s:.1f} |")

@@ -6,8 +6,11 @@ free coordinate is displaced by σ̃ × the shortest lattice edge (:mod:`crystal
 One forward pass of ``CrystalMLMForMaskedLM`` gives a species distribution at every masked orbit and a
 clean value for every coordinate. The top-k completions are ranked by their joint probability under the
 model: masking one element ties its orbits to one candidate element (score = Π over orbits); other
-masks treat orbits as independent (the k best assignments, by beam search). Noised coordinates are
-replaced by the model's point estimates. Orbits are indexed 0.. in the order of the encoded sequence.
+masks treat orbits as independent (the k best assignments, by beam search). With ``chemistry=True``
+a larger pool of model candidates is re-ranked by SMACT validity of the completed composition (charge
+neutrality with the unmasked part, oxidation states from SMACT's table, each orbit's Wyckoff
+multiplicity; :mod:`training.chemistry`). Noised coordinates are replaced by the model's point
+estimates. Orbits are indexed 0.. in the order of the encoded sequence.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pymatgen.core import Structure
 
 from crystal_tokenizers.errors import CrystalDecodeError, CrystalEncodeError
 from crystal_tokenizers.wyckoff.masking import corrupt, element_positions, orbits_of_species, random_orbits
+from training.chemistry import MaskContext, Ranker, chemistry_ranker, model_ranker
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +144,15 @@ def inpaint_requests(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     names: Sequence[str] | None = None,
+    chemistry: bool = False,
+    ranker: Ranker | None = None,
 ) -> list[InpaintResult]:
-    """Complete every request (batched forward passes); one :class:`InpaintResult` per request."""
+    """Complete every request (batched forward passes); one :class:`InpaintResult` per request.
+
+    ``chemistry`` re-ranks the model's candidates by SMACT validity; ``ranker`` replaces the ranking
+    altogether (see :mod:`training.chemistry`; the baselines of the benchmark use it).
+    """
+    ranker = ranker or (chemistry_ranker() if chemistry else model_ranker)
     if top_k < 1:
         raise InpaintError(f"top_k must be >= 1, got {top_k}")
     rng = np.random.default_rng(seed)
@@ -167,7 +178,7 @@ def inpaint_requests(
         for row, (request, (ids, vals, masked, noised)) in enumerate(zip(chunk, damaged)):
             results.append(_complete(
                 names[start + row], request, tokenizer, ids, vals, masked, noised,
-                log_probs[row], predicted[row], element_ids, top_k,
+                log_probs[row], predicted[row], element_ids, top_k, ranker,
             ))
     return results
 
@@ -175,7 +186,7 @@ def inpaint_requests(
 def _complete(
     name: str, request: InpaintRequest, tokenizer: Any, ids: list[int], values: np.ndarray,
     masked: tuple[int, ...], noised: tuple[int, ...], log_probs: np.ndarray, predicted: np.ndarray,
-    element_ids: np.ndarray, top_k: int,
+    element_ids: np.ndarray, top_k: int, ranker: Ranker,
 ) -> InpaintResult:
     """Rank candidates for one crystal and decode each to a structure."""
     original = tokenizer.convert_ids_to_tokens(tokenizer(request.text)["input_ids"])
@@ -184,8 +195,10 @@ def _complete(
     if noised:
         values[list(noised)] = predicted[list(noised)]
     site_log_probs = log_probs[list(masked)]
-    choose = tied_candidates if request.tied else independent_candidates
-    candidates = choose(site_log_probs, element_ids, top_k) if masked else [(0.0, ())]
+    elements = tokenizer.convert_ids_to_tokens([int(i) for i in element_ids])
+    context = MaskContext(tuple(tokenizer.convert_ids_to_tokens(ids)), tuple(masked), request.tied)
+    ranked = ranker(context, site_log_probs, elements, top_k) if masked else [(0.0, ())]
+    candidates = [(score, tuple(tokenizer.convert_tokens_to_ids(list(species)))) for score, species in ranked]
     completions: list[Completion] = []
     failed = 0
     for score, chosen in candidates:
@@ -264,10 +277,12 @@ def inpaint(
     top_k: int = 5,
     seed: int = 0,
     names: Sequence[str] | None = None,
+    chemistry: bool = False,
 ) -> list[InpaintResult]:
     """Top-k completions of each structure after masking (exactly one mask option) and optional noise σ̃.
 
-    A structure that cannot be encoded, or lacks the element to mask, gets a result with ``error`` set.
+    ``chemistry`` ranks the model's candidates charge-neutral (SMACT) first. A structure that cannot be
+    encoded, or lacks the element to mask, gets a result with ``error`` set.
     """
     rng = np.random.default_rng(seed)
     names = list(names) if names is not None else [f"{i}_{s.composition.reduced_formula}" for i, s in enumerate(structures)]
@@ -284,10 +299,50 @@ def inpaint(
             results[index] = InpaintResult(name=name, error=f"{type(err).__name__}: {err}")
     completed = inpaint_requests(
         model, tokenizer, [request for _, request in planned], top_k=top_k, seed=seed,
-        names=[names[index] for index, _ in planned],
+        names=[names[index] for index, _ in planned], chemistry=chemistry,
     )
     results.update({index: result for (index, _), result in zip(planned, completed)})
     return [results[index] for index in range(len(structures))]
+
+
+_FILL_MASK_FLOOR = 1e-6
+"""Probability given to an element missing from one mask's candidate list (it was in another's)."""
+
+
+def chemistry_fill_mask(text: str, answers: Sequence[Any], top_k: int = 5, tied: bool = False) -> list[dict[str, Any]]:
+    """Joint completions of a ``fill-mask`` pipeline's answers, charge-neutral (SMACT) first.
+
+    ``text`` is the masked token text given to ``pipeline("fill-mask", ...)`` and ``answers`` its output
+    (one candidate list per ``<mask>``, as for ``top_k`` > 1; a single mask's flat list is accepted). Each
+    mask's candidates are the pool; joint assignments are ranked by the product of the pipeline's scores
+    and re-ranked by SMACT validity of the completed composition (orbit multiplicities from the text).
+    Returns ``{"species", "score", "charge_neutral", "sequence"}`` dicts, best first.
+    """
+    from training.chemistry import chemistry_rerank, completed_counts, is_charge_neutral, model_pool
+
+    words = text.split()
+    masked = tuple(i for i, w in enumerate(words) if w == "<mask>")
+    if not masked:
+        raise InpaintError("the text has no <mask> token")
+    per_site = [answers] if answers and isinstance(answers[0], dict) else list(answers)
+    if len(per_site) != len(masked):
+        raise InpaintError(f"{len(per_site)} answer lists for {len(masked)} masked sites")
+    elements = sorted({c["token_str"].strip() for site in per_site for c in site})
+    log_probs = np.full((len(masked), len(elements)), math.log(_FILL_MASK_FLOOR))
+    for row, site in enumerate(per_site):
+        for candidate in site:
+            log_probs[row, elements.index(candidate["token_str"].strip())] = math.log(max(candidate["score"], 1e-300))
+    context = MaskContext(tuple(words), masked, tied)
+    width = max(top_k, 64)
+    ranked = chemistry_rerank(context, model_pool(context, log_probs, elements, width, exclude_present=tied))[:top_k]
+    out = []
+    for score, species in ranked:
+        filled = list(words)
+        for position, element in zip(masked, species):
+            filled[position] = element
+        out.append({"species": list(species), "score": math.exp(score),
+                    "charge_neutral": is_charge_neutral(completed_counts(context, species)), "sequence": " ".join(filled)})
+    return out
 
 
 def read_structures_file(path: str | Path) -> tuple[list[str], list[Structure]]:
@@ -357,13 +412,14 @@ def inpaint_file(
     top_k: int = 5,
     out_dir: str | Path | None = None,
     seed: int = 0,
+    chemistry: bool = False,
 ) -> InpaintFileReport:
     """``crystal-lm inpaint`` as a function: read structures, complete them, write CIFs + JSON to ``out_dir``."""
     names, structures = read_structures_file(source)
     model, tokenizer = load_inpainting_model(model_dir)
     results = inpaint(
         structures, model, tokenizer, mask_element=mask_element, mask_fraction=mask_fraction,
-        mask_sites=mask_sites, noise=noise, top_k=top_k, seed=seed, names=names,
+        mask_sites=mask_sites, noise=noise, top_k=top_k, seed=seed, names=names, chemistry=chemistry,
     )
     written = write_results(results, out_dir) if out_dir is not None else []
     return InpaintFileReport(results=results, written=written)
@@ -371,6 +427,7 @@ def inpaint_file(
 
 __all__ = [
     "Completion",
+    "chemistry_fill_mask",
     "InpaintError",
     "InpaintFileReport",
     "InpaintRequest",

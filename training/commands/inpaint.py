@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", type=float, default=0.0, help="σ̃: displace coordinates by σ̃ × shortest edge, then denoise")
     parser.add_argument("--top-k", type=int, default=5, help="completions per crystal (default 5)")
     parser.add_argument("--out", default=None, help="write <name>/rank<k>_<formula>.cif and inpaint.json here")
+    parser.add_argument("--chemistry", action="store_true",
+                        help="rank the model's candidates charge-neutral first (SMACT, with the unmasked part and orbit multiplicities)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random mask and the noise")
     parser.add_argument("--json", action="store_true", help="print one JSON object per crystal")
 
@@ -39,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     report = inpaint_file(
         args.source, args.model, mask_element=args.mask_element, mask_fraction=args.mask_fraction,
         mask_sites=args.mask_sites, noise=args.noise, top_k=args.top_k, out_dir=args.out, seed=args.seed,
+        chemistry=args.chemistry,
     )
     for result in report.results:
         if args.json:

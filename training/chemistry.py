@@ -1,0 +1,281 @@
+"""Chemistry-aware ranking of masked-orbit completions, and the species baselines it is measured against.
+
+A completion assigns one element to every masked orbit. Its composition is known before decoding: each
+orbit contributes its Wyckoff multiplicity (atoms per conventional cell, the digits of ``wp:4a@…``) of
+its element, the unmasked orbits keep theirs. The chemistry-aware ranker draws a pool of candidate
+assignments from the model's probabilities (beam search over the ``pool`` most probable elements per
+orbit) and re-ranks it: assignments whose composition passes SMACT's test (an oxidation state from
+SMACT's table for every element, charge neutrality, Pauling electronegativity order; ``smact_validity``
+as CDVAE uses it, via :func:`training.evaluate.is_compositionally_valid`) come first, in model order;
+the rest follow, also in model order. When all orbits of one element are masked (``tied``), the
+element is by construction absent from the rest of the crystal, so elements already present are
+excluded. Nothing here re-implements oxidation states: SMACT decides.
+
+Baselines (same interface, no model): the most frequent training element; element co-occurrence with
+the unmasked elements; and SMACT-only (the most frequent training elements, first charge-neutral fill).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from pymatgen.core import Composition
+
+from crystal_tokenizers.wyckoff.masking import element_positions
+
+DEFAULT_POOL = 8
+"""Most probable elements per masked orbit that the chemistry-aware ranker considers."""
+DEFAULT_BEAM = 64
+"""Candidate assignments (independent orbits) the chemistry-aware ranker re-ranks."""
+_MULTIPLICITY = re.compile(r"wp:(\d+)")
+
+
+@dataclass(frozen=True)
+class MaskContext:
+    """What a ranker sees of one damaged crystal: its tokens (masked ones ``<mask>``) and the masked token positions."""
+
+    tokens: tuple[str, ...]
+    masked_positions: tuple[int, ...]
+    tied: bool
+
+    @property
+    def multiplicities(self) -> tuple[int, ...]:
+        """Atoms per conventional cell of each masked orbit."""
+        return tuple(orbit_multiplicity(self.tokens[p + 1]) for p in self.masked_positions)
+
+    def known_counts(self) -> Counter:
+        """Atoms per conventional cell of each element of the unmasked orbits."""
+        masked = set(self.masked_positions)
+        counts: Counter = Counter()
+        for p in element_positions(self.tokens):
+            if p not in masked:
+                counts[self.tokens[p]] += orbit_multiplicity(self.tokens[p + 1])
+        return counts
+
+
+Candidates = list[tuple[float, tuple[str, ...]]]
+"""(score, element per masked orbit), best first."""
+Ranker = Callable[[MaskContext, np.ndarray, Sequence[str], int], Candidates]
+"""(context, per-orbit log-probabilities over the candidate elements, the candidate elements, top_k) -> candidates."""
+
+
+def orbit_multiplicity(wyckoff_token: str) -> int:
+    """Multiplicity (atoms per conventional cell) of a ``wp:<n><letter>@…`` token."""
+    match = _MULTIPLICITY.match(wyckoff_token)
+    if match is None:
+        raise ValueError(f"{wyckoff_token!r} is not a Wyckoff-position token (wp:<multiplicity><letter>...)")
+    return int(match.group(1))
+
+
+def completed_counts(context: MaskContext, assignment: Sequence[str]) -> Counter:
+    """Atoms per conventional cell of every element once ``assignment`` fills the masked orbits."""
+    counts = context.known_counts()
+    for element, multiplicity in zip(assignment, context.multiplicities):
+        counts[element] += multiplicity
+    return counts
+
+
+@lru_cache(maxsize=200_000)
+def _neutral(key: tuple[tuple[str, int], ...]) -> bool:
+    from training.evaluate import is_compositionally_valid
+
+    return is_compositionally_valid(Composition(dict(key)))
+
+
+def is_charge_neutral(counts: Counter) -> bool:
+    """SMACT validity (charge neutrality with SMACT oxidation states + electronegativity) of a composition."""
+    return _neutral(tuple(sorted((e, int(n)) for e, n in counts.items() if n > 0)))
+
+
+def _beam(log_probs: np.ndarray, width: int, allowed: np.ndarray | None = None) -> list[tuple[float, tuple[int, ...]]]:
+    """The ``width`` most probable index assignments of independent orbits (exact for a product)."""
+    beam: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
+    for row in log_probs:
+        row = row if allowed is None else np.where(allowed, row, -np.inf)
+        best = np.argsort(-row)[:width]
+        expanded = [(s + float(row[j]), ids + (int(j),)) for s, ids in beam for j in best if np.isfinite(row[j])]
+        beam = heapq.nlargest(width, expanded, key=lambda item: item[0])
+    return beam
+
+
+def model_pool(context: MaskContext, log_probs: np.ndarray, elements: Sequence[str], width: int,
+               exclude_present: bool) -> Candidates:
+    """Candidate assignments by model probability: tied (one element for all orbits) or a beam (independent)."""
+    allowed = np.ones(len(elements), dtype=bool)
+    if exclude_present:
+        present = set(context.known_counts())
+        allowed = np.array([e not in present for e in elements])
+    if context.tied:
+        joint = np.where(allowed, log_probs.sum(axis=0), -np.inf)
+        best = [j for j in np.argsort(-joint)[:width] if np.isfinite(joint[j])]
+        return [(float(joint[j]), (elements[j],) * log_probs.shape[0]) for j in best]
+    return [(score, tuple(elements[j] for j in ids)) for score, ids in _beam(log_probs, width, allowed)]
+
+
+def chemistry_rerank(context: MaskContext, candidates: Candidates, penalty: float = float("inf")) -> Candidates:
+    """Charge-neutral (SMACT-valid) completions first, each group in its given order.
+
+    A finite ``penalty`` (nats) re-scores instead: a completion that is not SMACT-valid loses ``penalty``
+    from its log-probability, so a confident non-neutral completion (an intermetallic, say) can still win.
+    """
+    neutral = [is_charge_neutral(completed_counts(context, assignment)) for _, assignment in candidates]
+    if math.isinf(penalty):
+        return [c for c, ok in zip(candidates, neutral) if ok] + [c for c, ok in zip(candidates, neutral) if not ok]
+    rescored = [(score - (0.0 if ok else penalty), assignment) for (score, assignment), ok in zip(candidates, neutral)]
+    return sorted(rescored, key=lambda item: -item[0])
+
+
+ElementPrior = Callable[[MaskContext, Sequence[str]], np.ndarray]
+"""(context, candidate elements) -> a log-prior per candidate element, added to every masked orbit's log-probability."""
+
+
+def chemistry_ranker(pool: int = DEFAULT_POOL, beam: int = DEFAULT_BEAM, prior: ElementPrior | None = None,
+                     prior_weight: float = 1.0, penalty: float = float("inf")) -> Ranker:
+    """The chemistry-aware ranker: a model pool of assignments re-ranked by SMACT validity of the composition.
+
+    With ``prior`` (e.g. :func:`cooccurrence_prior`), each orbit's log-probabilities get
+    ``prior_weight`` × the log-prior added before the pool is drawn (a product of experts). ``penalty``:
+    see :func:`chemistry_rerank` (infinite: every SMACT-valid completion ranks above every invalid one).
+    """
+
+    def rank(context: MaskContext, log_probs: np.ndarray, elements: Sequence[str], top_k: int) -> Candidates:
+        if prior is not None:
+            log_probs = log_probs + prior_weight * prior(context, elements)[None, :]
+        width = max(top_k, pool if context.tied else beam)
+        if not context.tied:
+            # keep only the `pool` best elements per orbit so the beam explores alternatives to the top one
+            keep = np.argsort(-log_probs, axis=1)[:, :pool]
+            masked = np.full_like(log_probs, -np.inf)
+            np.put_along_axis(masked, keep, np.take_along_axis(log_probs, keep, axis=1), axis=1)
+            log_probs = masked
+        candidates = model_pool(context, log_probs, elements, width, exclude_present=context.tied)
+        return chemistry_rerank(context, candidates, penalty)[:top_k]
+
+    return rank
+
+
+def model_ranker(context: MaskContext, log_probs: np.ndarray, elements: Sequence[str], top_k: int) -> Candidates:
+    """The plain model: the top-k assignments by joint probability, no chemistry."""
+    return model_pool(context, log_probs, elements, top_k, exclude_present=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Baselines (no model)
+# --------------------------------------------------------------------------------------------------
+
+
+def element_statistics(token_lists: Iterable[Sequence[str]]) -> tuple[Counter, Counter]:
+    """Crystals containing each element, and crystals containing each (ordered) pair of elements.
+
+    The pair (e, e) counts the crystals where e occupies two or more orbits, so that a masked orbit can
+    take an element already present elsewhere in the crystal.
+    """
+    frequency: Counter = Counter()
+    pairs: Counter = Counter()
+    for tokens in token_lists:
+        orbit_elements = Counter(tokens[i] for i in element_positions(tokens))
+        present = sorted(orbit_elements)
+        frequency.update(present)
+        pairs.update((a, b) for a, b in itertools.permutations(present, 2))
+        pairs.update((e, e) for e, n in orbit_elements.items() if n >= 2)
+    return frequency, pairs
+
+
+def _fill(context: MaskContext, order: Sequence[str]) -> tuple[str, ...]:
+    """The first element of ``order`` (absent from the crystal when all orbits of one element are masked) on every orbit."""
+    present = set(context.known_counts()) if context.tied else set()
+    choice = next((e for e in order if e not in present), order[0])
+    return (choice,) * len(context.masked_positions)
+
+
+def most_frequent_baseline(frequency: Counter) -> Ranker:
+    """Always the most frequent training element (O on MP-20), or the next one absent from the crystal for a tied mask."""
+    order = [e for e, _ in frequency.most_common()]
+
+    def rank(context: MaskContext, log_probs: np.ndarray, elements: Sequence[str], top_k: int) -> Candidates:
+        return [(0.0, _fill(context, order))]
+
+    return rank
+
+
+def cooccurrence_baseline(frequency: Counter, pairs: Counter) -> Ranker:
+    """The element most often seen with the unmasked elements: Σ_u ln P(e | u), add-one smoothed."""
+    elements = [e for e, _ in frequency.most_common()]
+
+    def rank(context: MaskContext, log_probs: np.ndarray, candidate_elements: Sequence[str], top_k: int) -> Candidates:
+        known = list(context.known_counts())
+        if not known:
+            return [(0.0, _fill(context, elements))]
+        scores = {e: sum(np.log((pairs[(u, e)] + 1) / (frequency[u] + len(elements))) for u in known) for e in elements}
+        order = sorted(elements, key=lambda e: -scores[e])
+        return [(0.0, _fill(context, order))]
+
+    return rank
+
+
+def cooccurrence_log_prior(frequency: Counter, pairs: Counter) -> ElementPrior:
+    """Σ over unmasked elements u of ln P(e | u) from training co-occurrence counts (add-one smoothed), per element."""
+    total = max(len(frequency), 1)
+
+    def prior(context: MaskContext, elements: Sequence[str]) -> np.ndarray:
+        known = list(context.known_counts())
+        if not known:
+            n = sum(frequency.values()) or 1
+            return np.array([np.log((frequency[e] + 1) / (n + total)) for e in elements])
+        return np.array([sum(np.log((pairs[(u, e)] + 1) / (frequency[u] + total)) for u in known) for e in elements])
+
+    return prior
+
+
+def smact_baseline(frequency: Counter, pool: int = 30, limit: int = 400) -> Ranker:
+    """SMACT only: the most frequent training elements, first assignment whose composition is charge-neutral.
+
+    Tied masks try one element at a time in frequency order; independent orbits try assignments in order
+    of the sum of frequency ranks (at most ``limit``); with no neutral fill, the most frequent element.
+    """
+    order = [e for e, _ in frequency.most_common(pool)]
+
+    def rank(context: MaskContext, log_probs: np.ndarray, elements: Sequence[str], top_k: int) -> Candidates:
+        present = set(context.known_counts()) if context.tied else set()
+        options = [e for e in order if e not in present]
+        n = len(context.masked_positions)
+        if context.tied:
+            tries: Iterable[tuple[str, ...]] = ((e,) * n for e in options)
+        else:
+            ranks = sorted(itertools.product(range(len(options)), repeat=n), key=sum)[:limit] if n <= 3 else \
+                [tuple(0 for _ in range(n))] + [tuple(int(i == k) * r for i in range(n)) for r in range(1, len(options)) for k in range(n)][:limit]
+            tries = (tuple(options[i] for i in combo) for combo in ranks)
+        for assignment in tries:
+            if is_charge_neutral(completed_counts(context, assignment)):
+                return [(0.0, assignment)]
+        return [(0.0, _fill(context, options or order))]
+
+    return rank
+
+
+__all__ = [
+    "DEFAULT_BEAM",
+    "DEFAULT_POOL",
+    "MaskContext",
+    "Ranker",
+    "chemistry_ranker",
+    "chemistry_rerank",
+    "completed_counts",
+    "cooccurrence_baseline",
+    "cooccurrence_log_prior",
+    "element_statistics",
+    "is_charge_neutral",
+    "model_pool",
+    "model_ranker",
+    "most_frequent_baseline",
+    "orbit_multiplicity",
+    "smact_baseline",
+]
