@@ -17,11 +17,12 @@ from crystal_tokenizers.errors import (
     SymmetryMismatchError,
     UnsupportedElementError,
 )
+from crystal_tokenizers.protocol import CrystalTokenizer, GraphCrystalTokenizer, PromptCrystalTokenizer
 from crystal_tokenizers.slices.grammar import SlicesGrammarLogitsProcessor
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
 from crystal_tokenizers.tokenization_wyckoff import WyckoffTokenizer
 from crystal_tokenizers.wyckoff.grammar import WyckoffGrammarLogitsProcessor
-from crystal_tokenizers.wyckoff.orbits import CRYSTAL_SYSTEMS, crystal_system
+from crystal_tokenizers.wyckoff.orbits import CRYSTAL_SYSTEMS, crystal_system, structure_crystal_system
 
 __all__ = [
     "CRYSTAL_SYSTEMS",
@@ -29,14 +30,17 @@ __all__ = [
     "CrystalDecodeError",
     "CrystalEncodeError",
     "CrystalError",
+    "CrystalTokenizer",
     "DecodeTimeoutError",
     "DisorderedStructureError",
     "EmbeddingError",
+    "GraphCrystalTokenizer",
     "GraphConstructionError",
     "InvalidLatticeError",
     "InvalidStructureError",
     "InvalidWyckoffError",
     "MalformedSequenceError",
+    "PromptCrystalTokenizer",
     "SlicesGrammarLogitsProcessor",
     "SlicesPlusTokenizer",
     "SymmetryAnalysisError",
@@ -45,4 +49,5 @@ __all__ = [
     "WyckoffGrammarLogitsProcessor",
     "WyckoffTokenizer",
     "crystal_system",
+    "structure_crystal_system",
 ]

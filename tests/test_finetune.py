@@ -17,10 +17,10 @@ from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
 from modeling.configuration_mattergpt import MatterGPTConfig
 from modeling.modeling_mattergpt import MatterGPTForCausalLM
 from training.cli import main as cli_main
+from training.conditions import ConditionError, condition_tensors
 from training.finetune import (
     FinetuneConfig,
     FinetuneError,
-    condition_tensors,
     extend_conditions,
     finetune,
     load_finetuned,
@@ -103,7 +103,7 @@ def test_condition_tensors_mask_only_the_given_targets(tokenizer):
     values, mask = condition_tensors(extended.config, {"band_gap": 2.0}, batch_size=3)
     assert values.shape == mask.shape == (3, 3)
     assert mask[0].tolist() == [False, True, False] and values[0, 1] == 2.0
-    with pytest.raises(FinetuneError, match="does not condition"):
+    with pytest.raises(ConditionError, match="does not condition"):
         condition_tensors(extended.config, {"bulk_modulus_gpa": 100.0}, batch_size=1)
 
 
@@ -158,7 +158,9 @@ def test_cli_full_finetune_saves_a_loadable_model(base_dir, data_csv, tmp_path, 
     code = cli_main(["finetune", "--base", str(base_dir), "--data", str(data_csv), "--property", "band_gap",
                      "--out", str(out), "--max-steps", "2", "--batch-size", "8", "--max-length", "256", "--json"])
     assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, "--json prints exactly one line on stdout"
+    summary = json.loads(lines[0])
     assert summary["steps"] == 2 and summary["property_names"] == ["band_gap"]
     model = load_finetuned(out)
     assert isinstance(model, MatterGPTForCausalLM)
@@ -169,7 +171,7 @@ def test_cli_reports_a_missing_property_column(base_dir, data_csv, tmp_path, cap
     code = cli_main(["finetune", "--base", str(base_dir), "--data", str(data_csv), "--property", "bulk_modulus_gpa",
                      "--out", str(tmp_path / "x")])
     assert code == 2
-    assert "bulk_modulus_gpa" in capsys.readouterr().out
+    assert "bulk_modulus_gpa" in capsys.readouterr().err
 
 
 def test_token_strings_encode_a_cif_column_and_prefer_a_text_column(sample_table, tokenizer):

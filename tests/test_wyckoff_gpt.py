@@ -234,7 +234,9 @@ def test_generate_command_writes_cifs_and_counts(saved_tiny_model, tmp_path, cap
     out = tmp_path / "cifs"
     code = main(["generate", "--model", str(saved_tiny_model), "--n", "6", "--crystal-system", "cubic",
                  "--batch-size", "3", "--out", str(out), "--json"])
-    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, "--json prints exactly one line on stdout"
+    counts = json.loads(lines[0])
     assert code == 0
     assert counts["sampled"] == counts["decoded"] == 6
     assert 0 <= counts["valid"] <= 6

@@ -15,7 +15,6 @@ import logging
 import math
 import re
 import shutil
-import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,6 @@ import torch
 from crystal_tokenizers import CRYSTAL_SYSTEMS
 from crystal_tokenizers.errors import (
     CrystalEncodeError,
-    InvalidStructureError,
     SymmetryAnalysisError,
 )
 from hub_cards import DatasetCardInfo, render_dataset_card
@@ -228,8 +226,9 @@ def encode_row(
     cif: str, properties: Mapping[str, float | None], tokenizer: Any, options: EncodeOptions
 ) -> dict[str, Any]:
     """Parse, label and encode one CIF; failures come back as ``error_type``/``error`` instead of raising."""
-    from pymatgen.core import Structure
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    from training.io import parse_cif
 
     row: dict[str, Any] = {
         "formula": "",
@@ -241,12 +240,7 @@ def encode_row(
         "error": "",
     }
     try:
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Issues encountered while parsing CIF")
-                structure = Structure.from_str(cif, fmt="cif")
-        except Exception as err:
-            raise InvalidStructureError(f"CIF could not be parsed: {type(err).__name__}: {err}") from err
+        structure = parse_cif(cif)
         row["formula"] = structure.composition.reduced_formula
         row["num_sites"] = len(structure)
         try:
@@ -411,6 +405,7 @@ def prepare_dataset(
         fn_kwargs={"tokenizer": tokenizer, "options": options},
         remove_columns=[c for c in table.column_names if c not in keep],
         desc=f"encoding ({representation})",
+        load_from_cache_file=False,  # the cache key ignores the code of encode_row: a stale report otherwise
     )
     split_names, split_rule = _assign_splits(encoded, split_fractions)
     encoded = encoded.remove_columns(list(keep)).add_column("split", split_names)

@@ -52,6 +52,7 @@ from pymatgen.entries.computed_entries import ComputedEntry
 from scipy.stats import wasserstein_distance
 from smact.screening import smact_validity as _smact_validity
 
+from crystal_tokenizers import CRYSTAL_SYSTEMS, crystal_system
 from training.io import ProgressFn, no_progress
 
 logger = logging.getLogger(__name__)
@@ -66,16 +67,6 @@ OXIDATION_STATES_SET = "smact14"
 """SMACT oxidation-state table used by CDVAE's ``smact_validity`` (SMACT 2.x default)."""
 STABILITY_THRESHOLD_EV = 0.1
 """Energy above hull in eV/atom under which a crystal counts as (meta)stable (MatterGen's S.U.N. cut)."""
-CRYSTAL_SYSTEMS: tuple[str, ...] = (
-    "cubic",
-    "hexagonal",
-    "trigonal",
-    "tetragonal",
-    "orthorhombic",
-    "monoclinic",
-    "triclinic",
-)
-"""Crystal-system names; the index is the integer label used in the shared data (0 cubic ... 6 triclinic)."""
 SPACEGROUP_KEY = "spacegroup"
 """Target key (and CSV column) of declared space-group numbers."""
 CRYSTAL_SYSTEM_KEY = "crystal_system"
@@ -139,13 +130,8 @@ def spacegroup_number(structure: Structure, symprec: float = SYMPREC_JUDGE_A) ->
     return None if dataset is None else int(dataset.number)
 
 
-def crystal_system_of(spacegroup: int) -> str:
-    """Crystal system of an international space-group number (1-230)."""
-    if not 1 <= spacegroup <= 230:
-        raise ValueError(f"space group {spacegroup} is not in 1-230")
-    bounds = ((2, "triclinic"), (15, "monoclinic"), (74, "orthorhombic"), (142, "tetragonal"))
-    bounds += ((167, "trigonal"), (194, "hexagonal"), (230, "cubic"))
-    return next(name for upper, name in bounds if spacegroup <= upper)
+crystal_system_of = crystal_system
+"""Crystal system of an international space-group number (1-230): ``crystal_tokenizers.crystal_system``."""
 
 
 def normalize_crystal_system(value: str | int) -> str:
@@ -529,7 +515,7 @@ def evaluate_structures(
     declared, target_systems = _symmetry_targets(targets, n)
     with_group = [i for i in valid if declared[i] is not None]
     with_system = [i for i in valid if target_systems[i] is not None]
-    systems = {i: None if groups[i] is None else crystal_system_of(groups[i]) for i in valid}
+    systems = {i: None if groups[i] is None else crystal_system(groups[i]) for i in valid}
 
     predicted, property_targets, properties = _property_metrics(valid_structures, valid, targets, predictors, n)
     lap("properties")
@@ -633,7 +619,7 @@ def _histograms(structures: Sequence[Structure], groups: Sequence[int | None]) -
         "element": element_histogram(structures),
         "spacegroup": _ordered_histogram(groups, range(1, 231)),
         "crystal_system": _ordered_histogram(
-            (None if g is None else crystal_system_of(g) for g in groups), CRYSTAL_SYSTEMS
+            (None if g is None else crystal_system(g) for g in groups), CRYSTAL_SYSTEMS
         ),
     }
 

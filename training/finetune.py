@@ -46,6 +46,7 @@ import torch
 from crystal_tokenizers.errors import CrystalEncodeError
 from crystal_tokenizers.loading import load_tokenizer
 from training.data import TEXT_COLUMN, write_shards
+from training.conditions import condition_tensors  # noqa: F401 - re-exported (moved)
 from training.io import parse_cif
 from training.loop import FINAL_DIR, TrainConfig, train
 
@@ -227,18 +228,6 @@ def load_finetuned(out_dir: str | Path, base_dir: str | Path | None = None) -> t
         base, config.property_names[-added:], config.property_means[-added:], config.property_stds[-added:]
     )
     return PeftModel.from_pretrained(base, str(out_dir)).eval()
-
-
-def condition_tensors(
-    config: Any, targets: Mapping[str, float], batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``properties`` (B, P) and ``property_mask`` (B, P) for ``targets`` (data units); others unconditioned."""
-    unknown = sorted(set(targets) - set(config.property_names))
-    if unknown:
-        raise FinetuneError(f"the model does not condition on {unknown} (it knows {list(config.property_names)})")
-    values = torch.tensor([float(targets.get(name, math.nan)) for name in config.property_names])
-    mask = torch.isfinite(values)
-    return torch.nan_to_num(values).repeat(batch_size, 1), mask.repeat(batch_size, 1)
 
 
 # ---------------------------------------------------------------------------------------- training

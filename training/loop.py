@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib
 import importlib.util
 import inspect
 import json
@@ -50,33 +49,15 @@ TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 _TMP_PREFIX = ".tmp-"
 SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
-MODEL_TYPES: dict[str, tuple[str, str, str, str]] = {
-    "wyckoff-gpt": (
-        "modeling.configuration_wyckoff_gpt",
-        "WyckoffGPTConfig",
-        "modeling.modeling_wyckoff_gpt",
-        "WyckoffGPTForCausalLM",
-    ),
-    "mattergpt": (
-        "modeling.configuration_mattergpt",
-        "MatterGPTConfig",
-        "modeling.modeling_mattergpt",
-        "MatterGPTForCausalLM",
-    ),
-    "crystal-mlm": (
-        "modeling.configuration_crystal_mlm",
-        "CrystalMLMConfig",
-        "modeling.modeling_crystal_mlm",
-        "CrystalMLMForMaskedLM",
-    ),
-    "crystal-mlm-classifier": (
-        "modeling.configuration_crystal_mlm",
-        "CrystalMLMConfig",
-        "modeling.modeling_crystal_mlm",
-        "CrystalMLMForSequenceClassification",
-    ),
+MODEL_TYPES: dict[str, tuple[str, str]] = {
+    "wyckoff-gpt": ("wyckoff_gpt", "AutoModelForCausalLM"),
+    "mattergpt": ("mattergpt", "AutoModelForCausalLM"),
+    "crystal-mlm": ("crystal_mlm", "AutoModelForMaskedLM"),
+    "crystal-mlm-classifier": ("crystal_mlm", "AutoModelForSequenceClassification"),
 }
-"""Model types of crystal-lm; any other ``model.type`` is looked up in transformers' ``AutoConfig``."""
+"""``model.type`` names of crystal-lm -> (registered ``model_type``, Auto class); ``import modeling`` registers
+the classes with ``AutoConfig`` and the Auto model classes. Any other ``model.type`` is a transformers
+``model_type`` built with ``AutoModelForCausalLM``."""
 
 
 class TrainingConfigError(ValueError):
@@ -249,21 +230,23 @@ def build_model(spec: ModelConfig, tokenizer: Any, extra_config: Mapping[str, An
     A config class with ``from_tokenizer`` (WyckoffGPT) reads the vocabulary and numeric token ids from
     the tokenizer; ``extra_config`` (e.g. property statistics from the data) fills keys the YAML leaves out.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
+    import modeling  # noqa: F401 - registers the crystal-lm configurations and models with the Auto classes
+
+    model_type, auto_name = MODEL_TYPES.get(spec.type, (spec.type, "AutoModelForCausalLM"))
+    auto_class = getattr(transformers, auto_name)
     if spec.pretrained and spec.type in MODEL_TYPES:
-        _, _, model_module, model_name = MODEL_TYPES[spec.type]
-        return getattr(importlib.import_module(model_module), model_name).from_pretrained(spec.pretrained, **spec.config)
+        return auto_class.from_pretrained(spec.pretrained, **spec.config)
     if spec.pretrained:
         return AutoModelForCausalLM.from_pretrained(spec.pretrained, trust_remote_code=True)
     kwargs = {**(extra_config or {}), **spec.config}
     if spec.type in MODEL_TYPES:
-        config_module, config_name, model_module, model_name = MODEL_TYPES[spec.type]
-        config_cls = getattr(importlib.import_module(config_module), config_name)
-        model_cls = getattr(importlib.import_module(model_module), model_name)
-        if hasattr(config_cls, "from_tokenizer"):
-            return model_cls(config_cls.from_tokenizer(tokenizer, **kwargs))
-        return model_cls(config_cls(**_tokenizer_sizes(tokenizer), **kwargs))
+        config_class = CONFIG_MAPPING[model_type]
+        if hasattr(config_class, "from_tokenizer"):
+            return auto_class.from_config(config_class.from_tokenizer(tokenizer, **kwargs))
+        return auto_class.from_config(config_class(**_tokenizer_sizes(tokenizer), **kwargs))
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.type, **_tokenizer_sizes(tokenizer), **kwargs))
 
 

@@ -158,7 +158,7 @@ def generate_graph_crystals(
     ``tokenizer.grammar_processor`` (parsable strings with a connected 3-periodic graph and, for
     SLICES-PLUS, a point group of the graph's automorphisms). Sequences end at ``config.n_positions``.
     """
-    from training.finetune import condition_tensors
+    from training.conditions import condition_tensors
 
     progress = progress or _no_progress
     system = None if crystal_system is None else CRYSTAL_SYSTEMS.index(crystal_system)

@@ -56,6 +56,22 @@ def crystal_system(space_group: int) -> str:
     raise AssertionError("unreachable")
 
 
+JUDGE_SYMPREC_A = 0.1
+"""spglib tolerance (Å) for judging the crystal system of a crystal (house convention)."""
+
+
+def structure_crystal_system(structure: Any, symprec: float = JUDGE_SYMPREC_A) -> str | None:
+    """Crystal system of a pymatgen ``Structure`` found by spglib at ``symprec`` Å; None where spglib fails."""
+    cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return None if dataset is None else crystal_system(int(dataset.number))
+
+
 @dataclass(frozen=True)
 class WyckoffPosition:
     """One Wyckoff position of one space group, with its representative coordinate triple.

@@ -74,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
     from pymatgen.core import Structure
     from tqdm.auto import tqdm
 
-    from training.commands.generate import write_samples
     from training.data import load_split, prepare_dataset
     from training.evaluate import SPACEGROUP_KEY, evaluate_structures, write_report
     from training.hub import model_card, run_training_data
+    from training.io import write_samples
     from training.loop import TrainConfig, train
     from training.sampling import generate_crystals
 

@@ -32,6 +32,7 @@ from training.evaluate import (
     evaluate_structures,
     write_report,
 )
+from training.commands._output import print_failures
 from training.io import read_structures
 
 HELP = "Evaluate generated crystals: validity, uniqueness, novelty, symmetry, property targets, stability."
@@ -59,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", type=Path, help="reference crystals (CSV or CIF folder), e.g. the training set")
     parser.add_argument("--targets", type=Path, help="JSON file: {name: value or [one value per structure]}")
     parser.add_argument("--out", type=Path, help="write metrics.json, per_structure.json, PNGs and summary.md here")
-    parser.add_argument("--json", action="store_true", help="print one JSON object with the metrics on the last line")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object with the metrics and every unreadable row on the last line")
+    parser.add_argument("--failures", type=int, default=10, help="name up to N unreadable rows on stderr")
     parser.add_argument("--cif-column", default="cif", help="CSV column holding CIF text (default: cif)")
     parser.add_argument("--spacegroup-column", default=SPACEGROUP_KEY, help="CSV column of declared space groups")
     parser.add_argument(
@@ -136,8 +139,10 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         write_report(report, args.out)
     summary = _summary(report)
+    failures = generated.failures()
+    print_failures(failures, args.failures)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps({**summary, "failures": failures}))
     else:
         for key, value in summary.items():
             print(f"{key:28s} {value}")

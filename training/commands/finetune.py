@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+
+from training.commands._output import stdout_for_json
 
 HELP = "Fine-tune a saved MatterGPT on new property conditions (PEFT LoRA with --lora, else all weights)"
 
@@ -38,17 +41,18 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit, seed=args.seed,
     )
     properties = [name.strip() for name in args.property.split(",") if name.strip()]
-    try:
-        result = finetune(args.base, args.data, properties, args.out, config)
-    except FinetuneError as err:
-        print(f"crystal-lm finetune: {err}")
-        return 2
-    print(f"fine-tuned {result.trainable_parameters:,} of {result.total_parameters:,} parameters on "
-          f"{result.rows_used} rows for {result.steps} steps (final loss {result.final_loss})")
-    print(f"saved to {result.out_dir}; load with training.finetune.load_finetuned({str(result.out_dir)!r})")
+    with stdout_for_json(args.json) as stdout:
+        try:
+            result = finetune(args.base, args.data, properties, args.out, config)
+        except FinetuneError as err:
+            print(f"crystal-lm finetune: {err}", file=sys.stderr)
+            return 2
+        print(f"fine-tuned {result.trainable_parameters:,} of {result.total_parameters:,} parameters on "
+              f"{result.rows_used} rows for {result.steps} steps (final loss {result.final_loss})")
+        print(f"saved to {result.out_dir}; load with training.finetune.load_finetuned({str(result.out_dir)!r})")
     if args.json:
         print(json.dumps({"out_dir": str(result.out_dir), "rows_used": result.rows_used, "steps": result.steps,
                           "final_loss": result.final_loss, "property_names": list(result.property_names),
                           "property_means": list(result.property_means), "property_stds": list(result.property_stds),
-                          "trainable_parameters": result.trainable_parameters}))
+                          "trainable_parameters": result.trainable_parameters}), file=stdout)
     return 0

@@ -14,6 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+from training.commands._output import stdout_for_json
+from training.conditions import ConditionError
+from training.io import write_samples
+
 HELP = "Sample crystals from a WyckoffGPT or MatterGPT (grammar-constrained), write CIFs and print counts."
 
 
@@ -40,37 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ranking.add_argument("--predictor", help="saved sequence-classification/regression model folder with its tokenizer")
 
 
-def parse_composition(text: str) -> dict[str, int]:
-    """``"Na:4,Cl:4"`` -> ``{"Na": 4, "Cl": 4}``."""
-    counts = {}
-    for item in text.split(","):
-        element, _, count = item.strip().partition(":")
-        if not count.isdigit():
-            raise argparse.ArgumentTypeError(f"composition item {item!r} is not El:count")
-        counts[element] = int(count)
-    return counts
-
-
-def parse_properties(items: list[str]) -> dict[str, float]:
-    """``["band_gap=1.5"]`` -> ``{"band_gap": 1.5}``."""
-    values = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        try:
-            values[name.strip()] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--property {item!r} is not NAME=VALUE") from None
-    return values
-
-
 def sampler(args: argparse.Namespace, model, tokenizer):
     """``(sample(size, progress) -> list[GeneratedCrystal], prompt text)`` for the model's kind."""
-    from crystal_tokenizers import CRYSTAL_SYSTEMS
+    from crystal_tokenizers import PromptCrystalTokenizer
+    from training.conditions import check_graph_conditions, parse_composition, parse_properties
     from training.sampling import describe_conditions, generate_crystals, generate_graph_crystals
 
-    if hasattr(tokenizer, "condition_prefix"):  # Wyckoff: conditions are prompt text
+    if isinstance(tokenizer, PromptCrystalTokenizer):  # Wyckoff: conditions are prompt text
         if args.property:
-            raise argparse.ArgumentTypeError("--property conditions a MatterGPT; this is a Wyckoff model")
+            raise ConditionError("--property conditions a MatterGPT; this is a Wyckoff model")
         prompt = tokenizer.condition_prefix(
             crystal_system=args.crystal_system, space_group=args.space_group,
             elements=args.elements.split(",") if args.elements else None,
@@ -85,14 +67,9 @@ def sampler(args: argparse.Namespace, model, tokenizer):
     given = [flag for flag, value in (("--space-group", args.space_group), ("--elements", args.elements),
                                        ("--composition", args.composition)) if value]
     if given:
-        raise argparse.ArgumentTypeError(f"{', '.join(given)} condition a Wyckoff model; this is a MatterGPT")
-    if args.crystal_system and args.crystal_system not in CRYSTAL_SYSTEMS:
-        raise argparse.ArgumentTypeError(f"--crystal-system {args.crystal_system!r} is not one of {CRYSTAL_SYSTEMS}")
+        raise ConditionError(f"{', '.join(given)} condition a Wyckoff model; this is a MatterGPT")
     properties = parse_properties(args.property)
-    unknown = sorted(set(properties) - set(model.config.property_names))
-    if unknown:
-        known = list(model.config.property_names)
-        raise argparse.ArgumentTypeError(f"the model has no condition {unknown}; it knows {known}")
+    check_graph_conditions(model.config, args.crystal_system, properties)
 
     def sample(size, progress=None):
         return generate_graph_crystals(
@@ -104,29 +81,18 @@ def sampler(args: argparse.Namespace, model, tokenizer):
     return sample, describe_conditions(args.crystal_system, properties)
 
 
-def write_samples(out: Path, samples: list, crystal_system: str | None) -> None:
-    """``sample_NNNNN.cif`` per decoded sample, and ``samples.csv`` for ``crystal-lm evaluate``.
-
-    The CSV has one row per decoded sample: ``material_id`` (the file's stem), ``cif``, the sampled text,
-    the ``spacegroup`` the text declares (Wyckoff models; empty for SLICES) and the ``crystal_system``
-    condition, so that evaluate reports space-group consistency and crystal-system hit rate.
-    """
-    import pandas as pd
-
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index, crystal in enumerate(samples):
-        if crystal.structure is None:
-            continue
-        name = f"sample_{index:05d}"
-        cif = crystal.structure.to(filename=str(out / f"{name}.cif"))
-        rows.append({"material_id": name, "cif": cif, "text": crystal.text,
-                     "spacegroup": crystal.space_group, "crystal_system": crystal_system})
-    columns = ["material_id", "cif", "text", "spacegroup", "crystal_system"]
-    pd.DataFrame(rows, columns=columns).astype({"spacegroup": "Int64"}).to_csv(out / "samples.csv", index=False)
-
-
 def run(args: argparse.Namespace) -> int:
+    with stdout_for_json(args.json) as stdout:
+        counts = _generate(args)
+    if counts is None:
+        return 2
+    if args.json:
+        print(json.dumps(counts), file=stdout)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> dict | None:
+    """Sample (and rank), write, print the human summary; return the counts, or None after a usage error."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
@@ -140,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         sample, prompt = sampler(args, model, tokenizer)
     except (argparse.ArgumentTypeError, ValueError) as err:
         print(f"crystal-lm generate: {err}", file=sys.stderr)
-        return 2
+        return None
 
     def progress(iterable, total):
         return tqdm(iterable, total=total, desc="batches", file=sys.stderr)
@@ -154,19 +120,17 @@ def run(args: argparse.Namespace) -> int:
         write_samples(Path(args.out), samples, args.crystal_system)
     counts = {"sampled": len(samples), "decoded": len(decoded), "valid": valid, "prompt": prompt}
     print(f"sampled {counts['sampled']}  decoded {counts['decoded']}  valid {counts['valid']}  (prompt: {prompt})")
-    if args.json:
-        print(json.dumps(counts))
-    return 0
+    return counts
 
 
-def _run_ranked(args: argparse.Namespace, sample, prompt: str, progress) -> int:
+def _run_ranked(args: argparse.Namespace, sample, prompt: str, progress) -> dict | None:
     """Sample ``--n`` crystals in batches, stream them to ``--out``, keep the ``--keep`` best by the predictor."""
     from training.predictors import load_predictor
     from training.ranking import generate_ranked
 
     if not (args.rank_by and args.target is not None and args.predictor and args.out):
         print("crystal-lm generate: --keep needs --rank-by, --target, --predictor and --out", file=sys.stderr)
-        return 2
+        return None
 
     def sample_fn(size: int):
         return [crystal.structure for crystal in sample(size)]
@@ -180,6 +144,4 @@ def _run_ranked(args: argparse.Namespace, sample, prompt: str, progress) -> int:
     }
     print(f"sampled {counts['sampled']}  decoded {counts['decoded']}  kept {counts['kept']} closest to "
           f"{args.rank_by} = {args.target}  (files in {args.out})")
-    if args.json:
-        print(json.dumps(counts))
-    return 0
+    return counts

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", default=None, help="a saved tokenizer (path or repo id) instead of the default one"
     )
     parser.add_argument("--limit", type=int, default=None, help="encode only the first N rows")
+    parser.add_argument("--failures", type=int, default=20, help="name up to N failed rows on stderr (all are in prepare_report.json)")
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -67,5 +68,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{split:<12}{count:>10}{report.split_failures.get(split, 0):>10}{report.num_shards.get(split, 0):>8}")
     for error_type, count in sorted(report.failures_by_type.items(), key=lambda kv: -kv[1]):
         print(f"  {error_type}: {count}", file=sys.stderr)
+    for failure in report.failures[: args.failures]:
+        print(f"{failure.material_id}: {failure.error_type}: {failure.message[:200]}", file=sys.stderr)
+    if len(report.failures) > args.failures:
+        print(f"... and {len(report.failures) - args.failures} more (all in {args.out}/prepare_report.json)", file=sys.stderr)
     print(f"wrote {report.total_encoded} structures to {args.out} (licence {report.license})")
     return 0
