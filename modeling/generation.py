@@ -76,10 +76,11 @@ def mask_to_num_tokens(input_ids: torch.Tensor, values: torch.Tensor, num_token_
 class NumericGenerationState:
     """Values of the ``<num>`` tokens of one ``generate`` call.
 
-    ``values`` (N, T) is aligned with the N running sequences; ``pending`` (N,) is the value drawn at the last
-    forward for each running row, used if that row's next token is ``<num>``; ``draws`` logs every step's
-    draws (for beam search, indexed like ``beam_indices``); ``accepted`` / ``fed_length`` are the verified
-    and the fed lengths of the last forward (they differ under assisted decoding).
+    ``values`` (N, T) is aligned with the N running sequences; ``pending_params`` / ``pending_kinds`` are the
+    head's outputs at the last forward for each running row, from which the value of a ``<num>`` emitted next
+    is drawn (only then); ``draws`` logs every step's drawn values (N,) (NaN where none was drawn; for beam
+    search, indexed like ``beam_indices``); ``accepted`` / ``fed_length`` are the verified and the fed lengths
+    of the last forward (they differ under assisted decoding).
     """
 
     num_token_id: int
@@ -88,11 +89,14 @@ class NumericGenerationState:
     temperature: float = 1.0
     processors: tuple[NumericValuesProcessor, ...] = ()
     values: torch.Tensor | None = None
-    pending: torch.Tensor | None = None
+    pending_params: torch.Tensor | None = None
+    pending_kinds: torch.Tensor | None = None
     source: torch.Tensor | None = None
     draws: list[torch.Tensor] = field(default_factory=list)
     accepted: int = 0
     fed_length: int = 0
+    last_params: torch.Tensor | None = None
+    last_kinds: torch.Tensor | None = None
 
     def __deepcopy__(self, memo: dict) -> NumericGenerationState:
         """Shared, not copied: generate() may deep-copy its keyword arguments, the record must survive."""
@@ -106,18 +110,21 @@ class NumericGenerationState:
         if self.values is None:
             raise ValueError("NumericGenerationState.values must hold the prompt values before extending")
         column = self.values.shape[1]
-        if column < input_ids.shape[1] and self.pending is not None:
+        if column < input_ids.shape[1] and self.pending_params is not None:
             is_num = input_ids[:, column] == self.num_token_id
-            proposals = torch.where(is_num, self.pending, torch.full_like(self.pending, math.nan))
-            history = pad_values(self.values, column + 1)
-            for processor in self.processors:
-                proposals = processor.process_numeric_values(input_ids[:, : column + 1], history, proposals)
-            proposals = torch.where(is_num, proposals, torch.full_like(proposals, math.nan))
-            if self.draws:
-                rows = self.source if self.source is not None else torch.arange(len(proposals))
-                self.draws[-1][rows[is_num]] = proposals[is_num].to(self.draws[-1].dtype)
+            proposals = torch.full(is_num.shape, math.nan, device=self.values.device)
+            if bool(is_num.any()):
+                kinds = torch.where(is_num, self.pending_kinds, torch.full_like(self.pending_kinds, -1))
+                proposals = self.sampler(self.pending_params, kinds, self.temperature, not self.do_sample)
+                history = pad_values(self.values, column + 1)
+                for processor in self.processors:
+                    proposals = processor.process_numeric_values(input_ids[:, : column + 1], history, proposals)
+                proposals = torch.where(is_num, proposals, torch.full_like(proposals, math.nan))
+                if self.draws:
+                    rows = self.source if self.source is not None else torch.arange(len(proposals))
+                    self.draws[-1][rows[is_num]] = proposals[is_num].to(self.draws[-1].dtype)
             self.values = torch.cat([self.values, proposals[:, None].to(self.values.dtype)], dim=1)
-            self.pending, self.source = None, None
+            self.pending_params, self.pending_kinds, self.source = None, None, None
         self.accepted = self.values.shape[1]
         self.values = pad_values(self.values, input_ids.shape[1])
         self.fed_length = input_ids.shape[1]
@@ -131,16 +138,16 @@ class NumericGenerationState:
         prefix = self.accepted + num_new_tokens - 1
         index = prefix - 1 - (self.fed_length - params.shape[1])
         self.values = self.values[:, :prefix] if self.values is not None else None
-        draw = self.sampler(params[:, index], kind_ids[:, index], self.temperature, not self.do_sample)
-        self.pending, self.source = draw, None
-        self.draws.append(draw.clone())
+        self.pending_params, self.pending_kinds, self.source = params[:, index], kind_ids[:, index], None
+        self.draws.append(torch.full(kind_ids.shape[:1], math.nan, device=params.device))
+        self.last_params, self.last_kinds = self.pending_params, self.pending_kinds
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Follow a beam-search reorder: running row k continues row ``beam_idx[k]``."""
         beam_idx = beam_idx.to(self.values.device).long()
         self.values = self.values[beam_idx]
-        if self.pending is not None:
-            self.pending = self.pending[beam_idx]
+        if self.pending_params is not None:
+            self.pending_params, self.pending_kinds = self.pending_params[beam_idx], self.pending_kinds[beam_idx]
         self.source = beam_idx
 
     def finish(self, sequences: torch.LongTensor) -> torch.Tensor:
@@ -164,12 +171,15 @@ class NumericGenerationState:
             drawn = self.draws[step].to(values.device)[rows.clamp(min=0)]
             values[:, prompt_length + step] = torch.where(rows >= 0, drawn, torch.full_like(drawn, math.nan))
         last = sequences.shape[1] - 1
-        ends_in_num = sequences[:, last] == self.num_token_id
-        if self.processors and bool(ends_in_num.any()):  # a value drawn at the very last step was never fed
-            proposals = values[:, last].clone()
+        step = last - prompt_length
+        ends_in_num = (sequences[:, last] == self.num_token_id) & torch.isnan(values[:, last])
+        if 0 <= step < beam_indices.shape[1] and bool(ends_in_num.any()):  # emitted at the last step, never fed
+            rows = beam_indices[:, step].long().clamp(min=0).to(self.last_params.device)
+            kinds = torch.where(ends_in_num, self.last_kinds[rows], torch.full_like(rows, -1))
+            proposals = self.sampler(self.last_params[rows], kinds, self.temperature, not self.do_sample)
             for processor in self.processors:
                 proposals = processor.process_numeric_values(sequences, pad_values(values, last), proposals)
-            values[:, last] = torch.where(ends_in_num, proposals, values[:, last])
+            values[:, last] = torch.where(ends_in_num, proposals.to(values.dtype), values[:, last])
         return mask_to_num_tokens(sequences, values, self.num_token_id)
 
 

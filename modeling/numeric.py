@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils.import_utils import is_torchdynamo_compiling
 
 NO_KIND = -1
 FAMILIES: tuple[str, ...] = ("von_mises", "log_normal", "normal")
@@ -147,6 +148,8 @@ def add_value_embeddings(
     if values is None:
         return embeddings
     has_value = has_value & torch.isfinite(values)
+    if not is_torchdynamo_compiling() and not bool(has_value.any()):  # eager fast path (e.g. most decode steps)
+        return embeddings
     safe = torch.where(has_value, values, torch.zeros_like(values))
     return embeddings + value_embedding(safe) * has_value.unsqueeze(-1).to(embeddings.dtype)
 
