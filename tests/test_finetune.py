@@ -184,3 +184,38 @@ def test_token_strings_encode_a_cif_column_and_prefer_a_text_column(sample_table
     assert token_strings(table.assign(slices=["a", "", "c"]), tokenizer) == ["a", None, "c"]
     with pytest.raises(FinetuneError, match="need one of the columns"):
         token_strings(table.rename(columns={"cif": "structure"}), tokenizer)
+
+
+def test_adapter_with_new_conditions_loads_the_standard_peft_ways(tmp_path: Path) -> None:
+    """PeftModel on the untouched base and AutoPeftModelForCausalLM both give the fine-tune's logits."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from crystal_tokenizers import SlicesPlusTokenizer
+    from modeling import MatterGPTConfig
+    from training.finetune import FinetuneConfig, extend_conditions, lora_model
+
+    tokenizer = SlicesPlusTokenizer()
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    torch.manual_seed(0)
+    base = MatterGPTForCausalLM(MatterGPTConfig(
+        vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_inner=64, property_names=["a", "b"],
+        property_means=[0.0, 0.0], property_stds=[1.0, 1.0], bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    peft = lora_model(extend_conditions(base, ["K", "G"], [100.0, 50.0], [30.0, 20.0]), FinetuneConfig())
+    with torch.no_grad():
+        for parameter in (p for p in peft.parameters() if p.requires_grad):
+            parameter.add_(0.01)  # a "trained" adapter: LoRA and the grown property embedding move
+    peft.peft_config["default"].base_model_name_or_path = str(base_dir)
+    peft.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    ids = torch.tensor([[1, 20, 21]])
+    properties = torch.tensor([[float("nan"), float("nan"), 120.0, 60.0]])
+    with torch.no_grad():
+        expected = peft.eval()(input_ids=ids, properties=properties).logits
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True),
+                                          adapter_dir).eval()
+        auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, trust_remote_code=True).eval()
+        for loaded in (plain, auto):
+            torch.testing.assert_close(loaded(input_ids=ids, properties=properties).logits, expected)

@@ -197,6 +197,7 @@ def lora_model(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Modul
         lora_dropout=config.lora_dropout,
         target_modules=list(LORA_TARGET_MODULES),
         modules_to_save=list(CONDITION_MODULES),
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
 
