@@ -11,9 +11,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+EVAL_TASK_TYPE = "text-generation"
+EVAL_TASK_NAME = "Crystal structure generation"
+_NOT_RESULTS: tuple[str, ...] = ("steps", "tokens_seen", "n", "n_parsed", "n_valid_samples")
+"""Flattened metric names that are run bookkeeping or counts, not results (with the ``train/`` prefix)."""
 CRYSTAL_TAGS: tuple[str, ...] = ("crystal-generation", "materials-science", "crystal-structure", "crystal-lm")
 _SIZE_CATEGORIES: tuple[tuple[int, str], ...] = (
     (1_000, "n<1K"),
@@ -56,6 +60,8 @@ class ModelCardInfo:
     training_data: str = ""
     """Free-text description of the training data (used when it is not a Hub dataset)."""
     base_model: str | None = None
+    dataset_name: str = ""
+    """The evaluation/training data's name for ``model-index`` when no Hub dataset id is known."""
 
 
 def size_category(n: int) -> str:
@@ -128,6 +134,28 @@ def render_dataset_card(info: DatasetCardInfo) -> str:
     return str(card)
 
 
+def eval_results(info: ModelCardInfo, metrics: Mapping[str, float]) -> list[EvalResult]:
+    """``model-index`` entries (the Hub's results format) of the result metrics: one per metric.
+
+    Run bookkeeping (steps, tokens, counts) and training-time values (``train/...``) are left out; the
+    dataset is the first Hub dataset id, else ``info.dataset_name``.
+    """
+    dataset = info.datasets[0] if info.datasets else (info.dataset_name or "unknown")
+    return [
+        EvalResult(
+            task_type=EVAL_TASK_TYPE,
+            task_name=EVAL_TASK_NAME,
+            dataset_type=dataset,
+            dataset_name=dataset,
+            metric_type=name.replace("/", "_").replace(".", "_"),
+            metric_name=name,
+            metric_value=value,
+        )
+        for name, value in sorted(metrics.items())
+        if name not in _NOT_RESULTS and not name.startswith("train/")
+    ]
+
+
 def render_model_card(info: ModelCardInfo, metrics: Mapping[str, float] | None = None, metrics_source: str = "") -> str:
     """Render a model card (README.md); ``metrics`` are flattened names -> values shown as a table."""
     card_data = ModelCardData(
@@ -137,11 +165,15 @@ def render_model_card(info: ModelCardInfo, metrics: Mapping[str, float] | None =
         tags=list(CRYSTAL_TAGS) + [info.representation, info.model_type],
         datasets=list(info.datasets) or None,
         base_model=info.base_model,
+        model_name=info.model_name,
+        eval_results=eval_results(info, metrics or {}) or None,
     )
-    if info.datasets:
+    if info.training_data:
+        datasets_text = info.training_data
+    elif info.datasets:
         datasets_text = "Trained on " + ", ".join(f"`{name}`" for name in info.datasets) + "."
     else:
-        datasets_text = info.training_data or "The training data were not recorded."
+        datasets_text = "The training data were not recorded."
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_DIR / "model_card.md"),

@@ -155,3 +155,21 @@ def test_push_command_writes_a_local_repo(run_dir: Path, tmp_path: Path, capsys:
     assert main(["push", str(run_dir / "final"), "--repo-id", "org/m", "--local-dir", str(tmp_path), "--private"]) == 0
     assert "model org/m:" in capsys.readouterr().out
     assert ModelCard.load(tmp_path / "README.md").data.library_name == "transformers"
+
+
+def test_card_has_model_index_and_datasets_from_the_run(run_dir: Path, tmp_path: Path) -> None:
+    """Without --dataset the card names the run's prepared data; the metrics become Hub model-index results."""
+    from training.hub import run_training_data
+
+    datasets, description = run_training_data(run_dir)
+    assert datasets == ("rows",) and "rows.csv" in description
+    push_folder(run_dir / "final", "org/model", local_dir=tmp_path, datasets=datasets, training_data=description)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.datasets == ["rows"]
+    results = {r.metric_name: r for r in card.data.eval_results}
+    assert set(results) == {"validity.structural", "validity.compositional"}  # n is a count, not a result
+    assert results["validity.structural"].metric_value == 0.93
+    assert results["validity.structural"].metric_type == "validity_structural"
+    assert results["validity.structural"].task_type == "text-generation"
+    assert results["validity.structural"].dataset_type == "rows"
+    assert "model-index:" in (tmp_path / "README.md").read_text()

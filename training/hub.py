@@ -225,9 +225,11 @@ def push_folder(
 
 
 def run_training_data(run_dir: Path) -> tuple[tuple[str, ...], str]:
-    """What a training run was trained on, from its ``config.yaml``: Hub dataset ids, or a description.
+    """What a training run was trained on, from its ``config.yaml``: dataset names, and a description.
 
-    A local ``data.path`` with a ``prepare_report.json`` is described by its source, size and licence.
+    A Hub ``data.path`` is its own dataset id. A local ``data.path`` with a ``prepare_report.json`` is
+    named by its source (a Hub id, or the source file's stem, e.g. ``mp20_sample``) and described by its
+    source, size and licence.
     """
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
@@ -235,9 +237,16 @@ def run_training_data(run_dir: Path) -> tuple[tuple[str, ...], str]:
     path = str((yaml.safe_load(config_path.read_text()) or {}).get("data", {}).get("path", ""))
     report = _read_json(Path(path) / PREPARE_REPORT) if path and Path(path).is_dir() else {}
     if report:
-        return (), (
-            f"Prepared with `crystal-lm prepare-data` from `{Path(report['source']).name}` "
+        source = str(report["source"])
+        name = source if _is_hub_id(source) else Path(source).stem
+        return (name,), (
+            f"Prepared with `crystal-lm prepare-data` from `{Path(source).name}` "
             f"({report['split_counts'].get('train', 0)} training structures, {report['representation']} "
             f"representation, data licence `{report['license']}`)."
         )
-    return ((path,), "") if path and not Path(path).exists() and path.count("/") == 1 else ((), "")
+    return ((path,), "") if _is_hub_id(path) else ((), "")
+
+
+def _is_hub_id(text: str) -> bool:
+    """``ORG/NAME`` that is not a local path."""
+    return bool(text) and not Path(text).exists() and text.count("/") == 1

@@ -131,9 +131,10 @@ def run(args: argparse.Namespace) -> int:
     )
     write_report(evaluation, out)
     _plot_training_curve(out / "run" / "metrics.csv", out / "training_curve.png")
-    _, training_data = run_training_data(out / "run")
+    run_datasets, training_data = run_training_data(out / "run")
     card = model_card(
-        result.final_model_dir, DEMO_REPO_ID, metrics_path=out / "metrics.json", training_data=training_data
+        result.final_model_dir, DEMO_REPO_ID, metrics_path=out / "metrics.json", datasets=run_datasets,
+        training_data=training_data,
     )
     (out / "MODEL_CARD.md").write_text(card)
     (result.final_model_dir / "README.md").write_text(card)
