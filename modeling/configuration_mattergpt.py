@@ -15,19 +15,17 @@ Conditions:
 
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+
+from .configuration_base import CrystalTransformerConfig
 
 PROPERTY_EMBEDDINGS: tuple[str, ...] = ("gaussian", "linear")
 
 
 @strict
-class MatterGPTConfig(PreTrainedConfig):
+class MatterGPTConfig(CrystalTransformerConfig):
     r"""
-    vocab_size (`int`): tokenizer vocabulary size (``len(SlicesPlusTokenizer)``).
-    n_positions (`int`): maximum sequence length in tokens (learned absolute positions).
-    n_embd / n_layer / n_head / n_inner (`int`): width, blocks **per flow**, heads, feed-forward width.
-    activation_function (`str`): feed-forward activation, a key of ``transformers.activations.ACT2FN``.
-    embd_pdrop / attn_pdrop / resid_pdrop (`float`): dropout on embeddings, attention weights, block outputs.
+    The fields of `CrystalTransformerConfig` (sizes, dropout, special ids), with the paper's sizes as
+    defaults; ``n_positions`` counts learned absolute positions and ``n_layer`` blocks **per flow**. Plus:
     num_crystal_systems (`int`): number of crystal-system classes (7); id -1 means unconditioned.
     property_names (`tuple[str, ...]`): names of the scalar property conditions, in tensor order.
     property_means / property_stds (`tuple[float, ...]`): per-property normalisation statistics (data units).
@@ -39,7 +37,6 @@ class MatterGPTConfig(PreTrainedConfig):
         ``False`` gives one stack that receives both conditions.
     condition_dropout (`float`): training-time probability of replacing each condition, independently per
         example, by its learned "no condition" embedding (classifier-free-guidance-style training).
-    tie_word_embeddings (`bool`): tie the LM head to the token embedding (default ``True``).
     """
 
     model_type = "mattergpt"
@@ -50,17 +47,10 @@ class MatterGPTConfig(PreTrainedConfig):
     }
 
     vocab_size: int = 128
-    n_positions: int = 512
     n_embd: int = 512
     n_layer: int = 8
     n_head: int = 8
     n_inner: int = 2048
-    activation_function: str = "gelu"
-    embd_pdrop: float = 0.1
-    attn_pdrop: float = 0.1
-    resid_pdrop: float = 0.1
-    layer_norm_epsilon: float = 1e-5
-    initializer_range: float = 0.02
     num_crystal_systems: int = 7
     property_names: list[str] | tuple[str, ...] = ("formation_energy_per_atom",)
     property_means: list[float] | tuple[float, ...] = (0.0,)
@@ -71,10 +61,6 @@ class MatterGPTConfig(PreTrainedConfig):
     dual_flow: bool = True
     condition_dropout: float = 0.1
     use_cache: bool = True
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    tie_word_embeddings: bool = True
 
     @property
     def num_flows(self) -> int:
@@ -90,11 +76,6 @@ class MatterGPTConfig(PreTrainedConfig):
     def num_properties(self) -> int:
         """Number of scalar property conditions."""
         return len(self.property_names)
-
-    def validate_mattergpt_sizes(self) -> None:
-        """Check that the width splits into heads."""
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}).")
 
     def validate_mattergpt_properties(self) -> None:
         """Check that the property statistics match the property names and can standardise."""

@@ -146,6 +146,7 @@ class CrystalPreTrainedModel(PreTrainedModel):
     """
 
     base_model_prefix = "transformer"
+    _input_embed_layer = "wte"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]
     _supports_sdpa = True

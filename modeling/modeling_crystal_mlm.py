@@ -81,12 +81,6 @@ class CrystalMLMModel(CrystalMLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.wte
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.wte = new_embeddings
-
     def embed(
         self,
         input_ids: torch.LongTensor | None,
@@ -178,12 +172,6 @@ class CrystalMLMForMaskedLM(CrystalMLMPreTrainedModel):
         """Value kind of each token id (-1: none) and the non-element tokens (from the config)."""
         return {"kind_of_token": kind_lookup(self.config)[1], "not_element": non_element_mask(self.config)}
 
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head = new_embeddings
-
     def value_kind_ids(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Kind index (B, T) of the value at each ``<num>`` (the kind of the label before it), -1 elsewhere."""
         previous = F.pad(self.kind_of_token.to(input_ids.device)[input_ids[:, :-1]], (1, 0), value=NO_KIND)
@@ -198,8 +186,6 @@ class CrystalMLMForMaskedLM(CrystalMLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         numeric_labels: torch.FloatTensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         **kwargs,
     ) -> CrystalMLMMaskedLMOutput:
         r"""
@@ -210,7 +196,7 @@ class CrystalMLMForMaskedLM(CrystalMLMPreTrainedModel):
         """
         outputs = self.transformer(
             input_ids, numeric_values=numeric_values, attention_mask=attention_mask, position_ids=position_ids,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            **kwargs,
         )
         hidden = outputs.last_hidden_state
         logits = self.lm_head(hidden)
@@ -278,8 +264,6 @@ class CrystalMLMForSequenceClassification(CrystalMLMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
         r"""
@@ -288,8 +272,7 @@ class CrystalMLMForSequenceClassification(CrystalMLMPreTrainedModel):
         """
         outputs = self.transformer(
             input_ids, numeric_values=numeric_values, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+            inputs_embeds=inputs_embeds, **kwargs,
         )
         hidden = outputs.last_hidden_state
         if attention_mask is None:

@@ -242,12 +242,6 @@ class MatterGPTModel(MatterGPTPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.wte
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.wte = new_embeddings
-
     def condition_embeddings(
         self,
         batch_size: int,
@@ -344,8 +338,6 @@ class MatterGPTForCausalLM(MatterGPTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -363,8 +355,7 @@ class MatterGPTForCausalLM(MatterGPTPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+            **kwargs,
         )
         hidden = outputs.last_hidden_state
         if logits_to_keep > 0:
@@ -399,8 +390,6 @@ class MatterGPTForSequenceClassification(MatterGPTPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         r"""
@@ -417,8 +406,7 @@ class MatterGPTForSequenceClassification(MatterGPTPreTrainedModel):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+            **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)
         last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)

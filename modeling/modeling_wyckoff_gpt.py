@@ -104,12 +104,6 @@ class WyckoffGPTModel(WyckoffGPTPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.wte
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.wte = new_embeddings
-
     def embed(self, input_ids: torch.LongTensor, numeric_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings plus value embeddings at ``<num>`` positions with a finite value."""
         embeddings = self.wte(input_ids)
@@ -186,8 +180,6 @@ class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         **kwargs,
     ) -> WyckoffGPTCausalLMOutput:
         r"""
@@ -199,8 +191,7 @@ class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
         """
         outputs = self.transformer(
             input_ids, numeric_values=numeric_values, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+            cache=cache, use_cache=use_cache, **kwargs,
         )
         hidden, ids = outputs.last_hidden_state, input_ids
         if logits_to_keep > 0:
