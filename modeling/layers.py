@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.import_utils import is_torchdynamo_compiling
@@ -173,6 +173,27 @@ class CrystalPreTrainedModel(PreTrainedModel):
             **family,
         }
         super().save_pretrained(save_directory, *args, **kwargs)
+
+    def add_token_body(self, config: Any, is_causal: bool = True) -> None:
+        """Add the body of a one-stack model: token embedding ``wte``, embedding dropout, ``n_layer`` blocks
+        ``h`` (causal or bidirectional) and the final layer norm ``ln_f``."""
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(TransformerBlock(config, i, is_causal=is_causal) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+
+    def cache_in_use(self, cache: Cache | None, use_cache: bool | None) -> Cache | None:
+        """The key/value cache a causal forward pass reads and fills: ``cache``, or a new ``DynamicCache``
+        when none is given; None when caching is off (``use_cache=False``, training by default, or gradient
+        checkpointing)."""
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
+        if not use_cache:
+            return None
+        return cache if cache is not None else DynamicCache(config=self.config)
 
     def residual_layers(self) -> int:
         """Blocks on one residual path (the depth that scales the residual projections' initial weights)."""

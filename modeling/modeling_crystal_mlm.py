@@ -21,7 +21,6 @@ times the embedding matrix lets gradients flow from a critic into a generator wi
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_crystal_mlm import CrystalMLMConfig
-from .layers import CrystalPreTrainedModel, TransformerBlock, check_positions, sequence_classification_loss
+from .layers import CrystalPreTrainedModel, check_positions, sequence_classification_loss
 from .numeric import (
     NO_KIND,
     add_value_embeddings,
@@ -73,12 +72,8 @@ class CrystalMLMModel(CrystalMLMPreTrainedModel):
     def __init__(self, config: CrystalMLMConfig) -> None:
         super().__init__(config)
         config.validate_crystal_mlm()
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.add_token_body(config, is_causal=False)
         self.value_embedding = value_embedding_from_config(config)
-        self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList(TransformerBlock(config, i, is_causal=False) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def embed(

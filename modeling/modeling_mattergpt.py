@@ -32,7 +32,7 @@ import logging
 
 import torch
 from torch import nn
-from transformers import DynamicCache, GenerationMixin
+from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
@@ -280,12 +280,7 @@ class MatterGPTModel(MatterGPTPreTrainedModel):
         output_hidden_states / output_attentions / return_dict: as in every transformers model (hidden states
             of both flows, the crystal-system flow first; attention weights need `attn_implementation="eager"`).
         """
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            use_cache = False
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+        cache = self.cache_in_use(cache, use_cache)
         batch_size, length = input_ids.shape
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -293,7 +288,6 @@ class MatterGPTModel(MatterGPTPreTrainedModel):
         check_positions(position_ids, self.config.n_positions)
         hidden = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache)
-        cache = cache if use_cache else None
         cs_embedding, prop_embedding = self.condition_embeddings(
             batch_size, crystal_system, properties, property_mask
         )

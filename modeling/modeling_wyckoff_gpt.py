@@ -50,7 +50,7 @@ from .generation import (
     mask_to_num_tokens,
     pad_values,
 )
-from .layers import CrystalPreTrainedModel, TransformerBlock, check_positions, default_position_ids
+from .layers import CrystalPreTrainedModel, check_positions, default_position_ids
 from .numeric import (
     add_value_embeddings,
     kind_lookup,
@@ -96,12 +96,8 @@ class WyckoffGPTModel(WyckoffGPTPreTrainedModel):
 
     def __init__(self, config: WyckoffGPTConfig) -> None:
         super().__init__(config)
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.add_token_body(config)
         self.value_embedding = value_embedding_from_config(config)
-        self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def embed(self, input_ids: torch.LongTensor, numeric_values: torch.Tensor | None) -> torch.Tensor:
@@ -130,12 +126,7 @@ class WyckoffGPTModel(WyckoffGPTPreTrainedModel):
         output_hidden_states / output_attentions / return_dict: as in every transformers model (attention
             weights need `attn_implementation="eager"`).
         """
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            use_cache = False
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+        cache = self.cache_in_use(cache, use_cache)
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, input_ids.shape[1], past_length).to(input_ids.device)
@@ -144,8 +135,8 @@ class WyckoffGPTModel(WyckoffGPTPreTrainedModel):
         hidden = self.drop(hidden + sinusoidal_positions(position_ids, self.config.n_embd).to(hidden.dtype))
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache)
         for block in self.h:
-            hidden = block(hidden, mask, cache if use_cache else None)
-        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden), cache=cache if use_cache else None)
+            hidden = block(hidden, mask, cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden), cache=cache)
 
 
 class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
