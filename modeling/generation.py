@@ -78,8 +78,8 @@ class NumericGenerationState:
 
     ``values`` (N, T) is aligned with the N running sequences; ``pending_params`` / ``pending_kinds`` are the
     head's outputs at the last forward for each running row, from which the value of a ``<num>`` emitted next
-    is drawn (only then); ``draws`` logs every step's drawn values (N,) (NaN where none was drawn; for beam
-    search, indexed like ``beam_indices``); ``accepted`` / ``fed_length`` are the verified and the fed lengths
+    is drawn (only then); with ``log_draws`` (beam search), ``draws`` logs every step's drawn values (N,)
+    (NaN where none was drawn), indexed like ``beam_indices``; ``accepted`` / ``fed_length`` are the verified and the fed lengths
     of the last forward (they differ under assisted decoding).
     """
 
@@ -88,6 +88,7 @@ class NumericGenerationState:
     do_sample: bool
     temperature: float = 1.0
     processors: tuple[NumericValuesProcessor, ...] = ()
+    log_draws: bool = False
     values: torch.Tensor | None = None
     pending_params: torch.Tensor | None = None
     pending_kinds: torch.Tensor | None = None
@@ -139,7 +140,8 @@ class NumericGenerationState:
         index = prefix - 1 - (self.fed_length - params.shape[1])
         self.values = self.values[:, :prefix] if self.values is not None else None
         self.pending_params, self.pending_kinds, self.source = params[:, index], kind_ids[:, index], None
-        self.draws.append(torch.full(kind_ids.shape[:1], math.nan, device=params.device))
+        if self.log_draws:
+            self.draws.append(torch.full(kind_ids.shape[:1], math.nan, device=params.device))
         self.last_params, self.last_kinds = self.pending_params, self.pending_kinds
 
     def reorder(self, beam_idx: torch.Tensor) -> None:

@@ -108,6 +108,30 @@ class FeedForward(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
+def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
+    """Transformer sinusoidal position encodings (n_positions, dim): sines, then cosines, of geometric frequencies."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
+    angles = torch.arange(n_positions).float().unsqueeze(-1) * frequencies
+    return F.pad(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1), (0, dim - 2 * half))
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sinusoidal position encodings, looked up: integer positions (...) -> (..., dim)."""
+
+    def __init__(self, n_positions: int, dim: int) -> None:
+        super().__init__()
+        self.n_positions, self.dim = n_positions, dim
+        self.register_buffer("table", sinusoidal_table(n_positions, dim), persistent=False)
+
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        """The table (a constant: rebuilt from the sizes, never saved)."""
+        return {"table": sinusoidal_table(self.n_positions, self.dim)}
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.table[position_ids]
+
+
 class TransformerBlock(GradientCheckpointingLayer):
     """Pre-LayerNorm transformer block (causal or bidirectional attention, then the feed-forward network)."""
 
@@ -175,9 +199,10 @@ class CrystalPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
 
     def add_token_body(self, config: Any, is_causal: bool = True) -> None:
-        """Add the body of a one-stack model: token embedding ``wte``, embedding dropout, ``n_layer`` blocks
-        ``h`` (causal or bidirectional) and the final layer norm ``ln_f``."""
+        """Add the body of a one-stack model: token embedding ``wte``, sinusoidal positions ``wpe``, embedding
+        dropout, ``n_layer`` blocks ``h`` (causal or bidirectional) and the final layer norm ``ln_f``."""
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = SinusoidalPositions(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(TransformerBlock(config, i, is_causal=is_causal) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -267,6 +292,7 @@ __all__ = [
     "FeedForward",
     "RECORDABLE_OUTPUTS",
     "SelfAttention",
+    "SinusoidalPositions",
     "TransformerBlock",
     "check_positions",
     "default_position_ids",

@@ -40,7 +40,6 @@ from .numeric import (
     kind_lookup,
     numeric_head_from_config,
     require_numeric_tokens,
-    sinusoidal_positions,
     value_embedding_from_config,
 )
 
@@ -118,7 +117,7 @@ class CrystalMLMModel(CrystalMLMPreTrainedModel):
             position_ids = torch.arange(reference.shape[1], device=reference.device).unsqueeze(0)
         check_positions(position_ids, self.config.n_positions)
         hidden = self.embed(input_ids, numeric_values, inputs_embeds)
-        hidden = self.drop(hidden + sinusoidal_positions(position_ids, self.config.n_embd).to(hidden.dtype))
+        hidden = self.drop(hidden + self.wpe(position_ids).to(hidden.dtype))
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
         for block in self.h:
             hidden = block(hidden, mask)

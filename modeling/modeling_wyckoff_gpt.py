@@ -56,7 +56,6 @@ from .numeric import (
     kind_lookup,
     numeric_head_from_config,
     require_numeric_tokens,
-    sinusoidal_positions,
     value_embedding_from_config,
 )
 
@@ -132,7 +131,7 @@ class WyckoffGPTModel(WyckoffGPTPreTrainedModel):
             position_ids = default_position_ids(attention_mask, input_ids.shape[1], past_length).to(input_ids.device)
         check_positions(position_ids, self.config.n_positions)
         hidden = self.embed(input_ids, numeric_values)
-        hidden = self.drop(hidden + sinusoidal_positions(position_ids, self.config.n_embd).to(hidden.dtype))
+        hidden = self.drop(hidden + self.wpe(position_ids).to(hidden.dtype))
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache)
         for block in self.h:
             hidden = block(hidden, mask, cache)
@@ -268,6 +267,7 @@ class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
             num_token_id=self.config.num_token_id, sampler=self._sample_values, do_sample=bool(setting("do_sample")),
             temperature=float(temperature) if temperature is not None else 1.0,
             processors=tuple(p for p in (logits_processor or ()) if isinstance(p, NumericValuesProcessor)),
+            log_draws=num_beams > 1,
         )
         if setting("use_cache") is not False and kwargs.get("cache") is None:
             kwargs["cache"] = DynamicCache(config=self.config)
@@ -321,8 +321,9 @@ class WyckoffGPTForCausalLM(WyckoffGPTPreTrainedModel, GenerationMixin):
             numeric_state.extend(input_ids)
             values = numeric_state.values
         if values is not None:
-            values = mask_to_num_tokens(input_ids, pad_values(values, input_ids.shape[1]), self.config.num_token_id)
-            model_inputs["numeric_values"] = values[:, -model_inputs["input_ids"].shape[1]:]
+            fed = model_inputs["input_ids"].shape[1]
+            values = pad_values(values, input_ids.shape[1])[:, -fed:]
+            model_inputs["numeric_values"] = mask_to_num_tokens(input_ids[:, -fed:], values, self.config.num_token_id)
         return model_inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:

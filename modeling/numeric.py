@@ -154,15 +154,6 @@ def add_value_embeddings(
     return embeddings + value_embedding(safe) * has_value.unsqueeze(-1).to(embeddings.dtype)
 
 
-def sinusoidal_positions(position_ids: torch.Tensor, dim: int) -> torch.Tensor:
-    """Transformer sinusoidal position encodings (..., dim) for integer positions (...)."""
-    half = dim // 2
-    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=position_ids.device) / half)
-    angles = position_ids.float().unsqueeze(-1) * frequencies
-    encoding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
-    return F.pad(encoding, (0, dim - 2 * half))
-
-
 def kind_lookup(config: Any) -> tuple[tuple[str, ...], torch.Tensor]:
     """Kind names (in head order) and a (vocab_size,) tensor mapping each token id to its kind index or -1.
 
@@ -353,7 +344,6 @@ __all__ = [
     "mixture_point_estimate",
     "numeric_head_from_config",
     "require_numeric_tokens",
-    "sinusoidal_positions",
     "value_embedding_from_config",
     "NO_KIND",
     "GaussianValueEmbedding",
