@@ -134,7 +134,8 @@ class CrystalTextGenerationPipeline(Pipeline):
         return hasattr(self.tokenizer, "condition_prefix")
 
     def _sanitize_parameters(self, grammar: bool | None = None, **kwargs: Any) -> tuple[dict, dict, dict]:
-        conditions = {name: kwargs.pop(name) for name in TEXT_CONDITIONS if kwargs.get(name) is not None}
+        given = {name: kwargs.pop(name) for name in TEXT_CONDITIONS if name in kwargs}
+        conditions = {name: value for name, value in given.items() if value is not None}
         allowed = TEXT_CONDITIONS if self._uses_prompt_conditions else TENSOR_CONDITIONS
         refused = sorted(set(conditions) - set(allowed))
         if refused:

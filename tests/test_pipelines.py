@@ -20,8 +20,10 @@ from transformers import pipeline
 
 from crystal_tokenizers import CRYSTAL_SYSTEMS, SlicesPlusTokenizer, WyckoffTokenizer
 from modeling import (
+    CrystalFillMaskPipeline,
     CrystalMLMConfig,
     CrystalMLMForMaskedLM,
+    CrystalTextGenerationPipeline,
     MatterGPTConfig,
     MatterGPTForCausalLM,
     WyckoffGPTConfig,
@@ -136,6 +138,17 @@ def test_mattergpt_text_generation_returns_crystals_or_errors(folders, crystals)
         pipe("", space_group=225)
     with pytest.raises(ValueError, match="bulk_modulus"):
         pipe("", properties={"bulk_modulus": 100.0})
+
+
+def test_pipeline_classes_take_model_objects(folders, crystals):
+    generator = pipeline("text-generation", model=WyckoffGPTForCausalLM.from_pretrained(folders["wyckoff"]),
+                         tokenizer=WYCKOFF, pipeline_class=CrystalTextGenerationPipeline)
+    [answer] = generator("", elements=["Li", "O"])
+    _assert_wyckoff_answer(answer)
+    filler = pipeline("fill-mask", model=CrystalMLMForMaskedLM.from_pretrained(folders["mlm"]), tokenizer=WYCKOFF,
+                      pipeline_class=CrystalFillMaskPipeline)
+    [answer] = filler(_masked_text(WYCKOFF.structure_to_string(crystals[0]), 1), top_k=1)
+    _assert_wyckoff_answer(answer)
 
 
 def test_fill_mask_keeps_the_values_and_decodes(folders, crystals):
