@@ -76,6 +76,11 @@ def _masked_text(text: str, count: int) -> str:
     return " ".join(words)
 
 
+def _words(text: str) -> list[str]:
+    """The words of a Wyckoff text that are not values."""
+    return [word for word in text.split() if WYCKOFF.tokenize(word) != ["<num>"]]
+
+
 def _assert_wyckoff_answer(answer: dict) -> None:
     """The text decodes (Wyckoff tokenizer) to the answer's structure; its CIF parses to the same composition."""
     assert answer["error"] is None and isinstance(answer["structure"], Structure)
@@ -110,6 +115,8 @@ def test_wyckoff_text_generation_returns_decodable_crystals(folders):
         assert set(answer["structure"].composition.chemical_system.split("-")) <= {"Na", "Cl"}
     greedy = [pipe("", crystal_system="cubic", do_sample=False)[0]["generated_text"] for _ in range(2)]
     assert greedy[0] == greedy[1] and greedy[0].startswith("cs:cubic <sep> ")
+    cold = pipe("", crystal_system="cubic", temperature=1e-6, num_return_sequences=2)  # ~ greedy tokens
+    assert [_words(a["generated_text"]) for a in cold] == [_words(greedy[0])] * 2
 
 
 def test_wyckoff_text_generation_reports_decode_errors(folders):
