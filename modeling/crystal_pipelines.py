@@ -77,7 +77,9 @@ def _graph_text(tokenizer: Any, input_ids: Sequence[int]) -> str | None:
         return None
 
 
-def _condition_tensors(config: Any, crystal_system: str | int | None, properties: Mapping[str, float] | None) -> dict[str, torch.Tensor]:
+def _condition_tensors(
+    config: Any, crystal_system: str | int | None, properties: Mapping[str, float] | None
+) -> dict[str, torch.Tensor]:
     """MatterGPT keyword arguments (batch 1) for a crystal system (name or id 0-6) and property targets (data units)."""
     kwargs: dict[str, torch.Tensor] = {}
     if crystal_system is not None:
@@ -86,7 +88,8 @@ def _condition_tensors(config: Any, crystal_system: str | int | None, properties
                 raise CrystalPipelineError(f"crystal_system {crystal_system!r} is not one of {CRYSTAL_SYSTEMS}")
             crystal_system = CRYSTAL_SYSTEMS.index(crystal_system)
         if not 0 <= int(crystal_system) < config.num_crystal_systems:
-            raise CrystalPipelineError(f"crystal_system id {crystal_system} is outside [0, {config.num_crystal_systems})")
+            raise CrystalPipelineError(
+                f"crystal_system id {crystal_system} is outside [0, {config.num_crystal_systems})")
         kwargs["crystal_system"] = torch.tensor([int(crystal_system)])
     if properties:
         names = list(config.property_names)
@@ -139,7 +142,8 @@ class CrystalTextGenerationPipeline(Pipeline):
         allowed = TEXT_CONDITIONS if self._uses_prompt_conditions else TENSOR_CONDITIONS
         refused = sorted(set(conditions) - set(allowed))
         if refused:
-            raise CrystalPipelineError(f"{type(self.model).__name__} takes the conditions {list(allowed)}, not {refused}")
+            raise CrystalPipelineError(
+                f"{type(self.model).__name__} takes the conditions {list(allowed)}, not {refused}")
         forward = dict(kwargs)
         if grammar is not None:
             forward["grammar"] = grammar
@@ -157,7 +161,8 @@ class CrystalTextGenerationPipeline(Pipeline):
         else:
             ids = [self.tokenizer.bos_token_id] + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-            inputs.update(_condition_tensors(self.model.config, conditions.get("crystal_system"), conditions.get("properties")))
+            inputs.update(_condition_tensors(
+                self.model.config, conditions.get("crystal_system"), conditions.get("properties")))
         return inputs
 
     def _forward(self, model_inputs: dict[str, Any], grammar: bool = True, **generate_kwargs: Any) -> dict[str, Any]:
@@ -174,8 +179,10 @@ class CrystalTextGenerationPipeline(Pipeline):
         generate_kwargs["max_new_tokens"] = int(min(room, new_tokens))
         processors = list(generate_kwargs.pop("logits_processor", None) or [])
         if grammar:
-            processors.append(self.tokenizer.grammar_processor(max_length=prompt_length + generate_kwargs["max_new_tokens"]))
-        output = self.model.generate(input_ids=input_ids, logits_processor=processors, **model_inputs, **generate_kwargs)
+            max_length = prompt_length + generate_kwargs["max_new_tokens"]
+            processors.append(self.tokenizer.grammar_processor(max_length=max_length))
+        output = self.model.generate(
+            input_ids=input_ids, logits_processor=processors, **model_inputs, **generate_kwargs)
         rows = input_ids.shape[0]
         shape = (rows, output.sequences.shape[0] // rows, output.sequences.shape[1])
         outputs = {"sequences": output.sequences.reshape(shape)}

@@ -84,7 +84,7 @@ def _words(text: str) -> list[str]:
 def _assert_wyckoff_answer(answer: dict) -> None:
     """The text decodes (Wyckoff tokenizer) to the answer's structure; its CIF parses to the same composition."""
     assert answer["error"] is None and isinstance(answer["structure"], Structure)
-    decoded = WYCKOFF.string_to_structure(answer["generated_text"] if "generated_text" in answer else answer["sequence"])
+    decoded = WYCKOFF.string_to_structure(answer.get("generated_text") or answer["sequence"])
     assert decoded.composition == answer["structure"].composition
     np.testing.assert_allclose(decoded.lattice.abc, answer["structure"].lattice.abc, atol=1e-4)
     np.testing.assert_allclose(decoded.frac_coords, answer["structure"].frac_coords, atol=1e-4)
@@ -96,7 +96,8 @@ def test_pipeline_crystal_systems_are_the_package_order():
 
 
 def test_saved_folders_name_their_pipeline(folders):
-    entries = {name: json.loads((path / "config.json").read_text())["custom_pipelines"] for name, path in folders.items()}
+    entries = {name: json.loads((path / "config.json").read_text())["custom_pipelines"]
+               for name, path in folders.items()}
     assert set(entries["wyckoff"]) == set(entries["matter"]) == {"text-generation"}
     assert set(entries["mlm"]) == {"fill-mask"}
     assert all((path / "crystal_pipelines.py").is_file() for path in folders.values())
