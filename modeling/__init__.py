@@ -3,7 +3,9 @@
 Importing this package registers the configurations and models with the Auto classes, so that
 ``AutoConfig`` / ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification`` resolve
 ``model_type`` ``mattergpt``, ``wyckoff_gpt`` and ``crystal_mlm`` in-process; saved folders also carry the remote code
-(``auto_map``) and load anywhere crystal-lm is installed with ``trust_remote_code=True``.
+(``auto_map``) and load anywhere crystal-lm is installed with ``trust_remote_code=True``; their
+``custom_pipelines`` entry makes ``pipeline("text-generation" | "fill-mask", model=folder, trust_remote_code=True)``
+answer with decoded crystals (``crystal_pipelines``; with a model object, pass ``pipeline_class=``).
 """
 
 from transformers import (
@@ -17,6 +19,7 @@ from transformers import (
 from modeling.configuration_crystal_mlm import CrystalMLMConfig
 from modeling.configuration_mattergpt import MatterGPTConfig
 from modeling.configuration_wyckoff_gpt import WyckoffGPTConfig
+from modeling.crystal_pipelines import CrystalFillMaskPipeline, CrystalPipelineError, CrystalTextGenerationPipeline
 from modeling.generation import GenerateNumericOutput, NumericValuesProcessor
 from modeling.modeling_crystal_mlm import (
     CrystalMLMForMaskedLM,
@@ -49,11 +52,14 @@ AutoModelForMaskedLM.register(CrystalMLMConfig, CrystalMLMForMaskedLM, exist_ok=
 AutoModelForSequenceClassification.register(CrystalMLMConfig, CrystalMLMForSequenceClassification, exist_ok=True)
 
 __all__ = [
+    "CrystalFillMaskPipeline",
     "CrystalMLMConfig",
     "CrystalMLMForMaskedLM",
     "CrystalMLMForSequenceClassification",
     "CrystalMLMModel",
     "CrystalMLMPreTrainedModel",
+    "CrystalPipelineError",
+    "CrystalTextGenerationPipeline",
     "GenerateNumericOutput",
     "MatterGPTConfig",
     "MatterGPTForCausalLM",

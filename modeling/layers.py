@@ -181,8 +181,13 @@ class CrystalPreTrainedModel(PreTrainedModel):
         """``PreTrainedModel.save_pretrained`` with an ``auto_map`` naming every Auto class of the family.
 
         A folder saved from any head then loads with ``AutoConfig``, ``AutoModel`` and each task class
-        (``trust_remote_code=True``), not only with the class that saved it.
+        (``trust_remote_code=True``), not only with the class that saved it. ``custom_pipelines`` names the
+        family's crystal pipelines (``crystal_pipelines.py``, copied beside the model code through the
+        relative import below), so that ``pipeline("text-generation" | "fill-mask", model=folder,
+        trust_remote_code=True)`` answers with decoded crystals.
         """
+        from .crystal_pipelines import custom_pipelines_entry
+
         module = sys.modules[type(self).__module__]
         family = {
             obj._auto_class: f"{type(self).__module__.split('.')[-1]}.{obj.__name__}"
@@ -196,6 +201,7 @@ class CrystalPreTrainedModel(PreTrainedModel):
             "AutoConfig": f"{config_class.__module__.split('.')[-1]}.{config_class.__name__}",
             **family,
         }
+        self.config.custom_pipelines = custom_pipelines_entry(list(family))
         super().save_pretrained(save_directory, *args, **kwargs)
 
     def add_token_body(self, config: Any, is_causal: bool = True) -> None:
