@@ -7,7 +7,10 @@ with the KV cache, a fixed number of new tokens per sequence (tokens/s). Baselin
 both, and ``BertForMaskedLM`` for the masked model's training. WyckoffGPT's batches put ``<num>`` tokens with
 values on a quarter of the positions, so its value embedding and value head do their real work.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/model_throughput.py [--repeats 3]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/model_throughput.py [--repeats 3] [--clock cpu|wall]
+
+The default clock is this process's CPU time (with one thread, the work done), so other jobs on a shared
+machine do not move the figures; ``--clock wall`` times elapsed seconds.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from modeling import (
     WyckoffGPTForCausalLM,
 )
 
+CLOCK = time.process_time
 NUM_ID, MASK_ID = 5, 4
 KIND_IDS = {"fractional": [10, 11, 12], "length": [13, 14, 15], "angle": [16, 17, 18]}
 ELEMENT_IDS = list(range(30, 130))
@@ -54,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gen-tokens", type=int, default=64, help="new tokens per sequence")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="cpu: this process's CPU seconds (robust to other jobs on a shared machine; with one "
+                             "thread it is the work done), wall: elapsed seconds")
     return parser.parse_args()
 
 
@@ -120,12 +127,12 @@ def training_rate(name: str, model: PreTrainedModel, batches: list[torch.Tensor]
     inputs = [model_inputs(name, batch) for batch in batches]
     model(**inputs[0]).loss.backward()  # warm-up
     optimiser.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    start = CLOCK()
     for kwargs in inputs:
         model(**kwargs).loss.backward()
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
-    return sum(b.numel() for b in batches) / (time.perf_counter() - start)
+    return sum(b.numel() for b in batches) / (CLOCK() - start)
 
 
 def generation_rate(name: str, model: PreTrainedModel, prompts: torch.Tensor, new_tokens: int) -> float:
@@ -137,10 +144,10 @@ def generation_rate(name: str, model: PreTrainedModel, prompts: torch.Tensor, ne
         kwargs.update(numeric_values=torch.full(prompts.shape, math.nan), return_dict_in_generate=True)
     if name == "MatterGPT dual flow":
         kwargs.update(crystal_system=torch.randint(0, 7, (prompts.shape[0],)))
-    start = time.perf_counter()
+    start = CLOCK()
     with torch.no_grad():
         out = model.generate(prompts, **kwargs)
-    elapsed = time.perf_counter() - start
+    elapsed = CLOCK() - start
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     return (sequences.shape[1] - prompts.shape[1]) * prompts.shape[0] / elapsed
 
@@ -156,6 +163,8 @@ def median_over_repeats(names: list[str], measure: Callable[[str], float], repea
 
 def main() -> None:
     args = parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(30, args.vocab_size, (args.batch_size, args.seq_len), generator=generator)
@@ -170,7 +179,7 @@ def main() -> None:
     print(f"sizes: n_layer={args.n_layer} (per flow for MatterGPT), n_embd={args.n_embd}, n_head={args.n_head}, "
           f"n_inner={args.n_inner}, vocab={args.vocab_size}; train batch {args.batch_size}x{args.seq_len}, "
           f"{args.train_steps} steps; generation {args.gen_batch} sequences x {args.gen_tokens} new tokens; "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}; clock: {args.clock}")
     print(f"{'model':<22}{'params (M)':>11}{'train tok/s':>13}{'vs GPT-2':>9}{'vs BERT':>9}{'gen tok/s':>11}"
           f"{'vs GPT-2':>9}")
     for name, model in models.items():

@@ -22,6 +22,15 @@ def default_matcher() -> StructureMatcher:
     return StructureMatcher(ltol=0.2, stol=0.3, angle_tol=5, attempt_supercell=True)
 
 
+def _elements_only(structure: Structure) -> Structure:
+    """``structure`` without oxidation states (the token languages write elements only), copied if it had any."""
+    if all(getattr(species, "oxi_state", None) is None for species in structure.species):
+        return structure
+    plain = structure.copy()
+    plain.remove_oxidation_states()
+    return plain
+
+
 @dataclass
 class RoundTripReport:
     """Counts, rates (0–1) and speeds (structures/s) of one round trip over a set of structures."""
@@ -62,7 +71,7 @@ def round_trip(
     Works with any tokenizer that has ``structure_to_string`` and ``string_to_structure``; when it also
     has ``graph_matches(original, decoded)`` (SLICES), the graph match rate is reported too.
     ``refine(text, decoded)`` post-processes every decoded crystal (e.g. an ML-potential relaxation) and
-    counts toward the decode time.
+    counts toward the decode time. Species are compared as elements: oxidation states are not encoded.
     """
     matcher = matcher or default_matcher()
     ids = list(ids) if ids is not None else [str(i) for i in range(len(structures))]
@@ -101,6 +110,7 @@ def round_trip(
     for index, (original, result) in enumerate(zip(structures, decoded)):
         if result is None:
             continue
+        original = _elements_only(original)
         if matcher.fit(original, result):
             matched += 1
         else:

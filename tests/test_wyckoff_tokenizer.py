@@ -91,3 +91,15 @@ def test_saved_tokenizer_loads_in_a_fresh_process_with_remote_code(tmp_path, sam
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[0] == "True"
+
+
+def test_round_trip_compares_elements_not_oxidation_states() -> None:
+    from pymatgen.core import Species
+
+    from crystal_tokenizers.roundtrip import round_trip
+
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.69), [Species("Na", 1), Species("Cl", -1)],
+                                     [[0, 0, 0], [0.5, 0.5, 0.5]])
+    report = round_trip(WyckoffTokenizer(), [nacl], ids=["nacl-ox"])
+    assert (report.decoded, report.matched) == (1, 1)
+    assert str(nacl.species[0]) == "Na+"  # the caller's structure is left as it was

@@ -36,6 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from crystal_tokenizers import CrystalTokenizer
 from training.data import CrystalCollator, iter_epoch, load_split, make_tokenizer
 from training.objectives import build_objective
 
@@ -567,11 +568,11 @@ def _take(items: Iterator[Any], n: int) -> Iterator[Any]:
 def sample_validity(model: torch.nn.Module, tokenizer: Any, num_samples: int, max_new_tokens: int) -> float | None:
     """Fraction of ``num_samples`` unconditional samples that the tokenizer decodes to a crystal.
 
-    Samples are grammar-constrained when the tokenizer offers ``grammar_processor`` (Wyckoff, SLICES).
+    Samples are grammar-constrained (the tokenizer's ``grammar_processor``).
 
-    ``None`` when the model cannot generate or the tokenizer has no ``decode_structures``.
+    ``None`` when the model cannot generate or the tokenizer is no :class:`~crystal_tokenizers.CrystalTokenizer`.
     """
-    if num_samples <= 0 or not hasattr(tokenizer, "decode_structures"):
+    if num_samples <= 0 or not isinstance(tokenizer, CrystalTokenizer):
         return None
     can_generate = getattr(model, "can_generate", None)
     if can_generate is None or not can_generate():
@@ -580,13 +581,12 @@ def sample_validity(model: torch.nn.Module, tokenizer: Any, num_samples: int, ma
     model.eval()
     device = next(model.parameters()).device
     prompt = torch.full((num_samples, 1), tokenizer.bos_token_id, dtype=torch.long, device=device)
-    grammar = getattr(tokenizer, "grammar_processor", None)
     output = model.generate(
         input_ids=prompt,
         attention_mask=torch.ones_like(prompt),
         do_sample=True,
         max_new_tokens=max_new_tokens,
-        logits_processor=[grammar(max_length=1 + max_new_tokens)] if grammar else None,
+        logits_processor=[tokenizer.grammar_processor(max_length=1 + max_new_tokens)],
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         return_dict_in_generate=True,
