@@ -29,6 +29,8 @@ class WyckoffGPTConfig(PreTrainedConfig):
     value_linear_ranges (`list[list[float]]`): linear Gaussian grids of the value embedding (data units).
     value_num_linear (`int`) / value_log_range (`list[float]`) / value_num_log (`int`): grid sizes and the
         ``|v|`` range of the log grid.
+    added_token_kind (`str | None`): value kind that ``resize_token_embeddings`` gives the ids it appends
+        (``"scalar"``: new ``prop:<name>`` labels, the open end of the Wyckoff vocabulary); ``None``: no kind.
     """
 
     model_type = "wyckoff_gpt"
@@ -59,6 +61,7 @@ class WyckoffGPTConfig(PreTrainedConfig):
     value_num_linear: int = 32
     value_log_range: list[float] | None = None
     value_num_log: int = 64
+    added_token_kind: str | None = "scalar"
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
