@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -360,6 +359,17 @@ def _loop_config(out_dir: Path, config: FinetuneConfig, properties: Sequence[str
     )
 
 
+def _rows_that_fit(
+    table: pd.DataFrame, texts: Sequence[str | None], tokenizer: Any, max_length: int
+) -> tuple[pd.DataFrame, list[str], int]:
+    """The rows (and their texts) that encoded and fit ``max_length`` tokens with ``<bos>``/``<eos>``; the count dropped."""
+    keep = [i for i, text in enumerate(texts) if text and len(tokenizer.tokenize(text)) + 2 <= max_length]
+    dropped = len(table) - len(keep)
+    if dropped:
+        logger.info("dropped %d of %d rows longer than %d tokens or not encodable", dropped, len(table), max_length)
+    return table.iloc[keep].reset_index(drop=True), [texts[i] for i in keep], dropped
+
+
 def base_model_name(base_dir: str | Path, base_id: str | None = None) -> str:
     """The base as a card and ``adapter_config.json`` name it: ``base_id``, a Hub id given as the base, else the
     local folder's name (never a machine-local absolute path)."""
@@ -396,12 +406,7 @@ def finetune(
     if config.limit is not None:
         table = table.sample(n=min(config.limit, len(table)), random_state=config.seed).reset_index(drop=True)
     texts = conditioned_strings(table, tokenizer, properties) if in_text else token_strings(table, tokenizer)
-    lengths = [len(tokenizer.tokenize(text)) + 2 if text else math.inf for text in texts]
-    keep = [i for i, n in enumerate(lengths) if n <= config.max_length]
-    dropped = len(table) - len(keep)
-    if dropped:
-        logger.info("dropped %d of %d rows longer than %d tokens or not encodable", dropped, len(table), config.max_length)
-    table = table.iloc[keep].reset_index(drop=True)
+    table, texts, dropped = _rows_that_fit(table, texts, tokenizer, config.max_length)
     means, stds = property_statistics(table, properties)
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), trust_remote_code=True)
@@ -416,7 +421,7 @@ def finetune(
 
     loop_config = _loop_config(out_dir, config, () if in_text else model.config.property_names)
     write_training_split(
-        [texts[i] for i in keep],
+        texts,
         None if in_text else table[list(properties)].to_dict("records"),
         Path(loop_config.data.path) / "data",
     )
@@ -425,11 +430,10 @@ def finetune(
     shutil.rmtree(Path(loop_config.output_dir) / FINAL_DIR, ignore_errors=True)
 
     trained.eval()
-    name = base_model_name(base_dir, base_id)
+    local_base = str(Path(base_dir).resolve()) if Path(base_dir).is_dir() else str(base_dir)
     if config.lora:
-        local = Path(base_dir)
-        trained.peft_config["default"].base_model_name_or_path = base_id or str(local.resolve() if local.is_dir() else base_dir)
-        trained.save_pretrained(str(out_dir), save_embedding_layers=False)
+        trained.peft_config["default"].base_model_name_or_path = base_id or local_base
+        trained.save_pretrained(str(out_dir), save_embedding_layers=False)  # the new rows are trainable tokens
     else:
         trained.save_pretrained(str(out_dir))
     model.config.save_pretrained(str(out_dir))
@@ -446,10 +450,9 @@ def finetune(
         steps=result.steps,
         final_loss=result.metrics.get("train/loss"),
         model_type=str(model.config.model_type),
-        base_model=name,
+        base_model=base_model_name(base_dir, base_id),
     )
-    local_base = Path(base_dir).resolve() if Path(base_dir).is_dir() else base_dir
-    record = {**asdict(summary), "out_dir": str(out_dir), "base": str(local_base), "data": str(data),
+    record = {**asdict(summary), "out_dir": str(out_dir), "base": local_base, "data": str(data),
               "config": asdict(config)}
     (out_dir / SUMMARY_FILE).write_text(json.dumps(record, indent=2))
     if config.lora:
