@@ -224,3 +224,33 @@ def test_finetune_refuses_a_property_the_tokenizer_has(base_dir, data_csv, tmp_p
     table.to_csv(tmp_path / "gap.csv", index=False)
     with pytest.raises(FinetuneError, match="band_gap"):
         finetune(base_dir, tmp_path / "gap.csv", ["band_gap"], tmp_path / "x", FinetuneConfig(max_steps=1))
+
+
+@pytest.mark.slow
+def test_adapter_loads_and_samples_where_crystal_lm_is_not_installed(tmp_path, tokenizer, sample_structures):
+    """The adapter folder + its base load with AutoPeftModelForCausalLM from remote code alone, same logits."""
+    from test_remote_code import run_without_package
+
+    peft, _, adapter_dir, extended = _adapter(tmp_path, tokenizer)
+    text = extended.structure_to_string(sample_structures[0], properties={NEW[0]: 4.2})
+    inputs = extended(f"<bos> {text}", add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        expected = peft(**inputs).logits[0, -1].tolist()
+    out = run_without_package(f"""
+        import json, torch
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(adapter_dir)!r}, trust_remote_code=True)
+        model = AutoPeftModelForCausalLM.from_pretrained({str(adapter_dir)!r}, trust_remote_code=True).eval()
+        inputs = tokenizer({f"<bos> {text}"!r}, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1].tolist()
+        torch.manual_seed(0)
+        prompt = tokenizer.prompt_inputs(properties={{{NEW[0]!r}: 5.0}})
+        generated = model.generate(**prompt, do_sample=True, max_length=200,
+                                   logits_processor=[tokenizer.grammar_processor(max_length=200)])
+        decoded = [not isinstance(s, Exception) for s in tokenizer.decode_structures(generated)]
+        print(json.dumps({{"logits": logits, "decoded": decoded}}))
+    """, tmp_path)
+    torch.testing.assert_close(torch.tensor(out["logits"]), torch.tensor(expected), rtol=0, atol=1e-5)
+    assert out["decoded"] == [True]
