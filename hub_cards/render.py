@@ -232,7 +232,8 @@ def render_adapter_card(info: AdapterCardInfo) -> str:
         base_model=info.base_model,
         tags=[*CRYSTAL_TAGS, info.representation, info.model_type, "peft", "lora"],
         new_properties=[
-            {"name": p.name, "unit": p.unit, "mean": p.mean, "std": p.std, "min": p.minimum, "max": p.maximum}
+            {"name": p.name, "unit": p.unit, **{key: float(f"{value:.6g}") for key, value in
+                                                 (("mean", p.mean), ("std", p.std), ("min", p.minimum), ("max", p.maximum))}}
             for p in info.properties
         ],
     )

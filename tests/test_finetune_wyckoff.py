@@ -203,7 +203,7 @@ def test_adapter_card_front_matter(lora_run, base_dir):
     assert {"peft", "lora", "wyckoff", "wyckoff_gpt"} <= set(front["tags"])
     assert [p["name"] for p in front["new_properties"]] == list(NEW)
     assert [p["unit"] for p in front["new_properties"]] == ["g/cm³", "Å³"]
-    assert front["new_properties"][0]["mean"] == pytest.approx(lora_run.property_means[0])
+    assert front["new_properties"][0]["mean"] == pytest.approx(lora_run.property_means[0], rel=1e-5)
     assert "AutoPeftModelForCausalLM.from_pretrained" in text and "base.resize_token_embeddings(len(tokenizer))" in text
     assert "24 rows" in text and "steps: 3" in text
     assert str(base_dir.parent) not in text, "no machine-local path in the card"
@@ -217,6 +217,16 @@ def test_a_hub_id_names_the_base_and_the_local_base_still_loads(base_dir, data_c
     assert yaml.safe_load((out / "README.md").read_text().split("---")[1])["base_model"] == "crystal-lm/tiny-wyckoff"
     model = load_finetuned(out)  # the Hub id is not reachable here: the recorded local base is used
     assert model.get_input_embeddings().weight.shape[0] == len(WyckoffTokenizer()) + 1
+
+
+def test_base_model_name_is_never_a_local_path(tmp_path):
+    from training.finetune import base_model_name
+
+    (tmp_path / "wyckoff-small" / "final").mkdir(parents=True)
+    assert base_model_name(tmp_path / "wyckoff-small" / "final") == "wyckoff-small"
+    assert base_model_name(tmp_path / "wyckoff-small") == "wyckoff-small"
+    assert base_model_name(tmp_path / "wyckoff-small", base_id="org/wyckoff") == "org/wyckoff"
+    assert base_model_name("org/on-the-hub") == "org/on-the-hub"
 
 
 def test_finetune_refuses_a_property_the_tokenizer_has(base_dir, data_csv, tmp_path):

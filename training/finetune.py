@@ -372,10 +372,13 @@ def _rows_that_fit(
 
 def base_model_name(base_dir: str | Path, base_id: str | None = None) -> str:
     """The base as a card and ``adapter_config.json`` name it: ``base_id``, a Hub id given as the base, else the
-    local folder's name (never a machine-local absolute path)."""
+    local folder's name (the run's name for a training run's ``final`` folder; never a machine-local path)."""
     if base_id:
         return base_id
-    return Path(base_dir).name if Path(base_dir).is_dir() else str(base_dir)
+    folder = Path(base_dir)
+    if not folder.is_dir():
+        return str(base_dir)
+    return folder.resolve().parent.name if folder.name == FINAL_DIR else folder.name
 
 
 def finetune(
