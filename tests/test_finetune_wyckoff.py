@@ -187,10 +187,11 @@ def test_lora_finetune_of_a_wyckoff_base(lora_run, data_csv, base_dir, tokenizer
 def test_cli_generate_samples_from_a_wyckoff_adapter(lora_run, tmp_path, capsys):
     out = tmp_path / "cifs"
     code = cli_main(["generate", "--model", str(lora_run.out_dir), "--n", "4", "--batch-size", "4",
-                     "--property", f"{NEW[0]}=5.0", "--out", str(out), "--json"])
+                     "--property", f"{NEW[1]}=15", "--property", f"{NEW[0]}=5.0", "--out", str(out), "--json"])
     assert code == 0
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert counts["sampled"] == 4 and counts["prompt"].startswith(f"prop:{NEW[0]} 5.0")
+    assert counts["sampled"] == 4
+    assert counts["prompt"] == f"prop:{NEW[0]} 5.000000 prop:{NEW[1]} 15.000000 <sep>", "the fine-tune's order"
     assert counts["decoded"] == len(list(out.glob("*.cif")))
     code = cli_main(["generate", "--model", str(lora_run.out_dir), "--n", "1", "--property", "bulk_modulus_gpa=100"])
     assert code == 2 and "bulk_modulus_gpa" in capsys.readouterr().err

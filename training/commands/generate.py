@@ -62,8 +62,8 @@ def sampler(args: argparse.Namespace, model, tokenizer):
             crystal_system=args.crystal_system, space_group=args.space_group,
             elements=args.elements.split(",") if args.elements else None,
             composition=parse_composition(args.composition) if args.composition else None,
-            properties=properties,
-        )
+            properties={name: properties[name] for name in tokenizer.property_names if name in properties},
+        )  # properties in the tokenizer's order, as a fine-tune writes them
 
         def sample(size, progress=None):
             return generate_crystals(model, tokenizer, [prompt] * size, temperature=args.temperature,
