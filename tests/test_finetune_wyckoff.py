@@ -95,6 +95,16 @@ def test_resize_registers_new_property_tokens_as_scalar_labels(tokenizer):
         add_property_tokens(off, extended, NEW)
 
 
+def test_resized_kinds_labels_appended_ids_and_drops_cut_ones():
+    from modeling.layers import resized_kinds
+
+    kinds = {"length": [1, 2], "scalar": [5, 9]}
+    assert resized_kinds(kinds, 10, 12, "scalar") == {"length": [1, 2], "scalar": [5, 9, 10, 11]}
+    assert resized_kinds(kinds, 10, 12, None) == kinds
+    assert resized_kinds(kinds, 10, 12, "angle") == kinds, "a kind the value head lacks is not created"
+    assert resized_kinds(kinds, 10, 8, "scalar") == {"length": [1, 2], "scalar": [5]}
+
+
 def _adapter(tmp_path: Path, tokenizer: WyckoffTokenizer):
     """A 'trained' adapter with the new tokens (every trainable weight moved), saved beside its base."""
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
