@@ -77,6 +77,22 @@ class WyckoffTokenizer(CrystalTokenizerBase):
             angle_tolerance=angle_tolerance, **kwargs,
         )
 
+    def with_properties(self, names: Sequence[str]) -> "WyckoffTokenizer":
+        """A copy that also conditions on ``names``: one ``prop:<name>`` token each, appended at the end of
+        the vocabulary so that every existing id stays. Raises ``ValueError`` for a name it already has."""
+        known = [name for name in names if name in self.property_names]
+        if known or len(set(names)) != len(names):
+            raise ValueError(f"properties {list(names)}: {known or 'duplicates'} already in this tokenizer's "
+                             f"property_names {self.property_names}")
+        tokens = [self._convert_id_to_token(i) for i in range(self.vocab_size)] + [f"prop:{name}" for name in names]
+        clash = [token for token in tokens[self.vocab_size:] if token in self._token_to_id]
+        if clash:
+            raise ValueError(f"tokens {clash} are already in the vocabulary")
+        extended = type(self)(property_names=[*self.property_names, *names], symprec=self.symprec,
+                              angle_tolerance=self.angle_tolerance)
+        extended._set_vocabulary(tokens)
+        return extended
+
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return [codec.NUM if codec.is_number_literal(word) else word for word in text.split()]
 

@@ -64,6 +64,40 @@ class ModelCardInfo:
     """The evaluation/training data's name for ``model-index`` when no Hub dataset id is known."""
 
 
+@dataclass(frozen=True)
+class PropertySummary:
+    """One property an adapter adds: its unit and the statistics of its fine-tuning values (that unit)."""
+
+    name: str
+    unit: str
+    mean: float
+    std: float
+    minimum: float
+    maximum: float
+
+
+@dataclass(frozen=True)
+class AdapterCardInfo:
+    """What a PEFT adapter card states: the base, the new properties, the fine-tune data and run."""
+
+    adapter_name: str
+    base_model: str
+    """The base's Hub id, else its folder name (never a machine-local absolute path)."""
+    model_type: str
+    representation: str
+    properties: Sequence[PropertySummary]
+    data_name: str
+    rows: int
+    steps: int
+    final_loss: float | None
+    lora_rank: int
+    resize_base: bool
+    """Whether the base must be resized to the adapter's tokenizer before ``PeftModel.from_pretrained``."""
+    trainable_parameters: int
+    total_parameters: int
+    license: str = "apache-2.0"
+
+
 def size_category(n: int) -> str:
     """The Hub's size-category label for ``n`` examples."""
     for bound, label in _SIZE_CATEGORIES:
@@ -185,5 +219,45 @@ def render_model_card(info: ModelCardInfo, metrics: Mapping[str, float] | None =
         datasets_text=datasets_text,
         metric_rows=[{"name": k, "value": _format_value(v)} for k, v in sorted((metrics or {}).items())],
         metrics_source=metrics_source,
+    )
+    return str(card)
+
+
+def render_adapter_card(info: AdapterCardInfo) -> str:
+    """Render the model card (README.md) of a PEFT LoRA adapter folder."""
+    card_data = ModelCardData(
+        library_name="peft",
+        pipeline_tag="text-generation",
+        license=info.license,
+        base_model=info.base_model,
+        tags=[*CRYSTAL_TAGS, info.representation, info.model_type, "peft", "lora"],
+        new_properties=[
+            {"name": p.name, "unit": p.unit, **{key: float(f"{value:.6g}") for key, value in
+                                                 (("mean", p.mean), ("std", p.std), ("min", p.minimum), ("max", p.maximum))}}
+            for p in info.properties
+        ],
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_DIR / "adapter_card.md"),
+        adapter_name=info.adapter_name,
+        base_model=info.base_model,
+        model_type=info.model_type,
+        representation=info.representation,
+        property_rows=[
+            {"name": p.name, "unit": p.unit or "as in the data", "mean": f"{p.mean:.4g}", "std": f"{p.std:.4g}",
+             "min": f"{p.minimum:.4g}", "max": f"{p.maximum:.4g}"}
+            for p in info.properties
+        ],
+        example_properties={p.name: float(f"{p.mean:.4g}") for p in info.properties},
+        data_name=info.data_name,
+        rows=info.rows,
+        steps=info.steps,
+        final_loss="not recorded" if info.final_loss is None else f"{info.final_loss:.4g}",
+        lora_rank=info.lora_rank,
+        resize_base=info.resize_base,
+        trainable=f"{info.trainable_parameters:,}",
+        total=f"{info.total_parameters:,}",
+        license=info.license,
     )
     return str(card)

@@ -15,12 +15,14 @@ from .configuration_base import NumericTokenConfig
 class WyckoffGPTConfig(NumericTokenConfig):
     r"""
     The fields of `NumericTokenConfig` (sizes, dropout, ``<num>`` and its value kinds), plus:
-    use_cache (`bool`): return the key/value cache from the forward pass (sinusoidal positions up to
-        ``n_positions``).
+    added_token_kind (`str | None`): value kind that ``resize_token_embeddings`` gives the ids it appends
+        (``"scalar"``: new ``prop:<name>`` labels, the open end of the Wyckoff vocabulary); ``None``: no kind.
+    use_cache (`bool`): return the key/value cache from the forward pass.
     """
 
     model_type = "wyckoff_gpt"
 
+    added_token_kind: str | None = "scalar"
     use_cache: bool = True
 
     @classmethod

@@ -255,12 +255,32 @@ class CrystalPreTrainedModel(PreTrainedModel):
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
         """``PreTrainedModel.resize_token_embeddings``, then the vocabulary buffers rebuilt for the new size.
 
-        New tokens carry no value kind and are no elements unless the config says so: update
-        ``config.numeric_kind_token_ids`` / ``element_token_ids`` first to give them a role.
+        Appended ids get the value kind ``config.added_token_kind`` when the config has one (WyckoffGPT:
+        ``"scalar"``, new ``prop:`` labels), so a base resized to an adapter's tokenizer knows the adapter's
+        new property tokens from its own config. Otherwise new tokens carry no value kind and are no elements
+        unless the config says so: update ``config.numeric_kind_token_ids`` / ``element_token_ids`` first.
         """
+        old_size = self.get_input_embeddings().weight.shape[0]
         embeddings = super().resize_token_embeddings(*args, **kwargs)
+        kinds = getattr(self.config, "numeric_kind_token_ids", None)
+        if kinds is not None:
+            self.config.numeric_kind_token_ids = resized_kinds(
+                kinds, old_size, embeddings.weight.shape[0], getattr(self.config, "added_token_kind", None)
+            )
         self.register_constant_buffers()
         return embeddings
+
+
+def resized_kinds(
+    kinds: dict[str, list[int]], old_size: int, new_size: int, added_kind: str | None
+) -> dict[str, list[int]]:
+    """Label ids per value kind after a vocabulary resize: ids past ``new_size`` dropped, appended ids
+    (``old_size`` .. ``new_size - 1``) given ``added_kind`` when it is one of ``kinds`` (a kind the value head has)."""
+    resized = {kind: [i for i in ids if i < new_size] for kind, ids in kinds.items()}
+    if added_kind in resized:
+        listed = set(resized[added_kind])
+        resized[added_kind] += [i for i in range(old_size, new_size) if i not in listed]
+    return resized
 
 
 def default_position_ids(attention_mask: torch.Tensor | None, query_length: int, past_length: int) -> torch.Tensor:
@@ -303,5 +323,6 @@ __all__ = [
     "check_positions",
     "default_position_ids",
     "eager_attention_forward",
+    "resized_kinds",
     "sequence_classification_loss",
 ]

@@ -219,3 +219,31 @@ def test_adapter_with_new_conditions_loads_the_standard_peft_ways(tmp_path: Path
         auto = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, trust_remote_code=True).eval()
         for loaded in (plain, auto):
             torch.testing.assert_close(loaded(input_ids=ids, properties=properties).logits, expected)
+
+
+def test_load_finetuned_adopts_the_adapter_conditions(lora_run):
+    model = load_finetuned(lora_run.out_dir)
+    assert list(model.config.property_names) == ["formation_energy_per_atom", *NEW]
+    assert model.config.property_stds[1:] == pytest.approx(list(lora_run.property_stds))
+    assert model.get_base_model().transformer.property_embedding.num_properties == 3
+
+
+def test_cli_generate_samples_from_a_mattergpt_adapter(lora_run, tmp_path, capsys):
+    code = cli_main(["generate", "--model", str(lora_run.out_dir), "--n", "3", "--batch-size", "3",
+                     "--property", "band_gap=1.5", "--out", str(tmp_path / "cifs"), "--json"])
+    assert code == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert counts["sampled"] == 3 and "band_gap" in counts["prompt"]
+    assert counts["decoded"] == len(list((tmp_path / "cifs").glob("*.cif")))
+
+
+def test_mattergpt_adapter_card(lora_run, base_dir):
+    import yaml
+
+    text = (lora_run.out_dir / "README.md").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["library_name"] == "peft" and front["base_model"] == base_dir.name
+    assert {"peft", "lora", "mattergpt"} <= set(front["tags"])
+    assert [(p["name"], p["unit"]) for p in front["new_properties"]] == [("band_gap", "eV"), ("e_above_hull", "eV/atom")]
+    assert "PeftModel.from_pretrained(base, adapter)" in text and "resize_token_embeddings" not in text
+    assert "32 rows" in text and "steps: 4" in text and str(base_dir.parent) not in text

@@ -1,4 +1,4 @@
-"""``crystal-lm finetune``: add property conditions to a saved MatterGPT and fine-tune it (LoRA or full)."""
+"""``crystal-lm finetune``: add property conditions to a saved MatterGPT or WyckoffGPT and fine-tune it (LoRA or full)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import sys
 
 from training.commands._output import stdout_for_json
 
-HELP = "Fine-tune a saved MatterGPT on new property conditions (PEFT LoRA with --lora, else all weights)"
+HELP = "Fine-tune a saved MatterGPT or WyckoffGPT on new property conditions (PEFT LoRA with --lora, else all weights)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``finetune``."""
-    parser.add_argument("--base", required=True, help="saved MatterGPT causal-LM folder (with its tokenizer)")
-    parser.add_argument("--data", required=True, help="CSV with a slices/slices_plus/text or cif column")
+    parser.add_argument("--base", required=True, help="saved MatterGPT or WyckoffGPT folder (with its tokenizer)")
+    parser.add_argument("--base-id", help="the base's Hub id, named in adapter_config.json and the card "
+                        "(default: the base folder's name in the card, its local path in adapter_config.json)")
+    parser.add_argument("--data", required=True,
+                        help="CSV with a cif column (WyckoffGPT), or a slices/slices_plus/text or cif column (MatterGPT)")
     parser.add_argument("--property", required=True, help="comma-separated property columns, e.g. bulk_modulus_gpa,shear_modulus_gpa")
     parser.add_argument("--out", required=True, help="output folder (adapter or full model + tokenizer)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters + the new property embedding only")
@@ -43,13 +46,14 @@ def run(args: argparse.Namespace) -> int:
     properties = [name.strip() for name in args.property.split(",") if name.strip()]
     with stdout_for_json(args.json) as stdout:
         try:
-            result = finetune(args.base, args.data, properties, args.out, config)
+            result = finetune(args.base, args.data, properties, args.out, config, base_id=args.base_id)
         except FinetuneError as err:
             print(f"crystal-lm finetune: {err}", file=sys.stderr)
             return 2
         print(f"fine-tuned {result.trainable_parameters:,} of {result.total_parameters:,} parameters on "
               f"{result.rows_used} rows for {result.steps} steps (final loss {result.final_loss})")
-        print(f"saved to {result.out_dir}; load with training.finetune.load_finetuned({str(result.out_dir)!r})")
+        print(f"saved to {result.out_dir}; sample with: crystal-lm generate --model {result.out_dir} "
+              + " ".join(f"--property {name}={mean:.4g}" for name, mean in zip(result.property_names, result.property_means)))
     if args.json:
         print(json.dumps({"out_dir": str(result.out_dir), "rows_used": result.rows_used, "steps": result.steps,
                           "final_loss": result.final_loss, "property_names": list(result.property_names),

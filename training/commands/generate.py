@@ -1,8 +1,10 @@
 """``crystal-lm generate``: sample crystals from a WyckoffGPT or a MatterGPT and write them as CIF files.
 
-The model folder's tokenizer decides: a Wyckoff tokenizer takes its conditions as prompt text
-(``--crystal-system``, ``--space-group``, ``--elements``, ``--composition``); a SLICES-PLUS tokenizer
-(MatterGPT) takes ``--crystal-system`` and ``--property NAME=VALUE`` as ``generate`` keyword arguments.
+``--model`` is a saved model folder or a fine-tune's adapter folder (``crystal-lm finetune --lora``: the
+adapter is loaded on its base). The folder's tokenizer decides: a Wyckoff tokenizer takes its conditions
+as prompt text (``--crystal-system``, ``--space-group``, ``--elements``, ``--composition``,
+``--property NAME=VALUE`` for its ``prop:`` tokens); a SLICES-PLUS tokenizer (MatterGPT) takes
+``--crystal-system`` and ``--property NAME=VALUE`` as ``generate`` keyword arguments.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ HELP = "Sample crystals from a WyckoffGPT or MatterGPT (grammar-constrained), wr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="saved model folder (with its tokenizer)")
+    parser.add_argument("--model", required=True, help="saved model folder or fine-tuned adapter folder (with its tokenizer)")
     parser.add_argument("--n", type=int, default=100, help="number of samples")
     parser.add_argument("--crystal-system", help="condition: cubic, hexagonal, trigonal, tetragonal, ...")
     parser.add_argument("--space-group", type=int, help="condition: space-group number 1-230")
     parser.add_argument("--elements", help="condition: chemical system, e.g. Li,Fe,O")
     parser.add_argument("--composition", help="condition: conventional-cell counts, e.g. Na:4,Cl:4")
     parser.add_argument("--property", action="append", default=[], metavar="NAME=VALUE",
-                        help="MatterGPT condition in the model's units, e.g. formation_energy_per_atom=-2.0 (repeatable)")
+                        help="property condition in the model's units, e.g. formation_energy_per_atom=-2.0 (repeatable)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (tokens and values)")
     parser.add_argument("--top-k", type=int, default=50, help="MatterGPT: sample among the k likeliest tokens")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -51,13 +53,17 @@ def sampler(args: argparse.Namespace, model, tokenizer):
     from training.sampling import describe_conditions, generate_crystals, generate_graph_crystals
 
     if isinstance(tokenizer, PromptCrystalTokenizer):  # Wyckoff: conditions are prompt text
-        if args.property:
-            raise ConditionError("--property conditions a MatterGPT; this is a Wyckoff model")
+        properties = parse_properties(args.property)
+        unknown = sorted(set(properties) - set(tokenizer.property_names))
+        if unknown:
+            raise ConditionError(f"this Wyckoff model has no property tokens for {unknown}; it knows "
+                                 f"{list(tokenizer.property_names)}")
         prompt = tokenizer.condition_prefix(
             crystal_system=args.crystal_system, space_group=args.space_group,
             elements=args.elements.split(",") if args.elements else None,
             composition=parse_composition(args.composition) if args.composition else None,
-        )
+            properties={name: properties[name] for name in tokenizer.property_names if name in properties},
+        )  # properties in the tokenizer's order, as a fine-tune writes them
 
         def sample(size, progress=None):
             return generate_crystals(model, tokenizer, [prompt] * size, temperature=args.temperature,
@@ -95,13 +101,12 @@ def _generate(args: argparse.Namespace) -> dict | None:
     """Sample (and rank), write, print the human summary; return the counts, or None after a usage error."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
-
     from training.evaluate import is_structurally_valid
+    from training.finetune import load_finetuned
 
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
+    model = load_finetuned(args.model)  # a full model folder, or an adapter folder on its base
     try:
         sample, prompt = sampler(args, model, tokenizer)
     except (argparse.ArgumentTypeError, ValueError) as err:
