@@ -9,14 +9,14 @@ from pymatgen.core import Structure
 
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
 from training.cli import main
-from training.commands.decode import decoded_crystal_system
+from crystal_tokenizers import structure_crystal_system
 
 
 def test_decode_command_reports_json_and_writes_cifs(tmp_path, capsys, sample_structures):
     tokenizer = SlicesPlusTokenizer()
     structures = sample_structures[:4]
     texts = tokenizer.structures_to_strings(structures) + ["Na Cl 0 5 o o o"]  # the last one is malformed
-    labels = ["cubic" if decoded_crystal_system(s) == "cubic" else 6 for s in structures] + [0]
+    labels = ["cubic" if structure_crystal_system(s) == "cubic" else 6 for s in structures] + [0]
     csv = tmp_path / "strings.csv"
     pd.DataFrame({"slices_plus": texts, "crystal_system": labels}).to_csv(csv, index=False)
     code = main(["decode", "--tokenizer", "slices-plus", str(csv), "--column", "slices_plus", "--json",

@@ -189,7 +189,6 @@ def minimum_distance_graphs(structure: Structure, tols: Sequence[float]) -> list
     frac = np.asarray(structure.frac_coords, dtype=float)
     lat = np.asarray(structure.lattice.matrix, dtype=float)
     species = tuple(site.specie.symbol for site in structure)
-    n = len(frac)
     diff = frac[None, :, :] - frac[:, None, :]  # diff[i, j] = f_j - f_i
     near = diff - np.round(diff)
     first = np.array(list(itertools.product((-1, 0, 1), repeat=3)), dtype=float)

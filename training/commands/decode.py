@@ -10,7 +10,6 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from crystal_tokenizers import structure_crystal_system as decoded_crystal_system  # noqa: F401 - old name
 from crystal_tokenizers.loading import TOKENIZER_NAMES, load_tokenizer
 from training.commands._output import print_failures
 from training.decoding import decode_texts
