@@ -85,11 +85,19 @@ class SelfAttention(nn.Module):
         query, key, value = (t.view(shape).transpose(1, 2) for t in self.c_attn(hidden_states).chunk(3, dim=-1))
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        output, weights = attention(
-            self, query, key, value, attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
-        )
+        dropout = self.attention_dropout if self.training else 0.0
+        implementation = self.config._attn_implementation
+        if implementation == "sdpa":  # the default: torch's kernel called directly (no grouped heads to expand)
+            causal = self.is_causal and attention_mask is None and query.shape[-2] > 1
+            output = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal, scale=self.scaling
+            ).transpose(1, 2)
+            weights = None
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+            output, weights = attention(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )
         output = self.c_proj(output.reshape(*hidden_states.shape[:-1], -1))
         return self.resid_dropout(output), weights
 
