@@ -152,11 +152,12 @@ def test_collapsed_cell_is_an_embedding_error_not_a_slow_graph_check(monkeypatch
 
 
 def test_the_fuzzed_sliver_net_now_decodes_to_its_own_graph():
-    """The net behind the test above no longer optimises to a sliver: it decodes (inside its time box,
-    else DecodeTimeoutError), and its graph checks."""
+    """The net behind the test above no longer optimises to a sliver: it decodes and its graph checks (a
+    generous time box: this test is about the result; speed has its own tests and benchmark)."""
     graph = CrystalGraph(("Ba", "Br", "I", "Lu", "Ti"), (
         (0, 3, 1, 0, 1), (1, 1, 1, 0, 1), (1, 2, 1, 1, 0), (1, 2, 1, 1, 1), (1, 3, 1, 0, -1), (3, 4, 1, -1, 0)))
-    structure = embedding.embed_checked(graph, (), "minimumdistancenn", embedding.EmbeddingParams(time_limit_s=2.0))
+    params = embedding.EmbeddingParams(time_limit_s=30.0)
+    structure = embedding.embed_checked(graph, (), "minimumdistancenn", params)
     assert structure.volume / len(structure) > 4.0
 
 
