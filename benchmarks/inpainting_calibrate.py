@@ -109,7 +109,7 @@ def diagnose(records: dict[str, list[Record]]) -> dict[str, dict]:
 
 
 def _pools(records: dict[str, list[Record]], prior, weight: float) -> dict[str, list[tuple]]:
-    """Per record: model scores, SMACT category (0 valid, 1 neutral but not Pauling, 2 unbalanced), correct orbits."""
+    """Per record: model scores, SMACT category (0 valid, 1 neutral otherwise, 2 unbalanced), correct orbits."""
     from training.chemistry import chemistry_pool, completed_counts, smact_flags
 
     out = {}
@@ -128,12 +128,12 @@ def _pools(records: dict[str, list[Record]], prior, weight: float) -> dict[str, 
 
 
 def scan(records: dict[str, list[Record]], prior) -> list[dict]:
-    """Top-1 accuracy and charge-neutral share of every (prior weight, λ_charge, λ_EN) setting."""
+    """Top-1 accuracy and charge-neutral share of every (prior weight, λ_charge, λ_other) setting."""
     rows = []
     for weight in PRIOR_WEIGHTS:
         pools = _pools(records, prior, weight)
-        for unbalanced, electronegativity in itertools.product(PENALTY_GRID, PENALTY_GRID):
-            penalty = np.array([0.0, electronegativity, unbalanced])
+        for unbalanced, other in itertools.product(PENALTY_GRID, PENALTY_GRID):
+            penalty = np.array([0.0, other, unbalanced])
             accuracy, neutral = {}, {}
             for setting, items in pools.items():
                 hits = orbits = valid = 0
@@ -145,7 +145,7 @@ def scan(records: dict[str, list[Record]], prior) -> list[dict]:
                     valid += category[best] == 0
                 accuracy[setting] = hits / max(orbits, 1)
                 neutral[setting] = valid / max(len(items), 1)
-            rows.append({"prior_weight": weight, "unbalanced": unbalanced, "electronegativity": electronegativity,
+            rows.append({"prior_weight": weight, "unbalanced": unbalanced, "other": other,
                          "mean_accuracy": float(np.mean(list(accuracy.values()))),
                          "mean_neutral": float(np.mean(list(neutral.values()))), "accuracy": accuracy, "neutral": neutral})
     return rows
@@ -159,7 +159,7 @@ def best(rows: list[dict], prior: bool) -> dict:
 
 def _line(row: dict) -> str:
     cells = " ".join(f"{s}={a:.3f}" for s, a in row["accuracy"].items())
-    return (f"w={row['prior_weight']} λ_charge={row['unbalanced']} λ_EN={row['electronegativity']}: mean top-1 "
+    return (f"w={row['prior_weight']} λ_charge={row['unbalanced']} λ_other={row['other']}: mean top-1 "
             f"{row['mean_accuracy']:.4f}, charge-neutral {row['mean_neutral']:.3f} | {cells}")
 
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{d.get('true_composition_invalid', 0)}; plain picks an element present elsewhere (tied) "
               f"{d.get('plain_picks_present_element', 0)}; pairs {d['right_to_wrong_pairs']}")
     rows = scan(records, prior)
-    reference = {name: next(r for r in rows if r["prior_weight"] == 0 and r["unbalanced"] == u and r["electronegativity"] == e)
+    reference = {name: next(r for r in rows if r["prior_weight"] == 0 and r["unbalanced"] == u and r["other"] == e)
                  for name, (u, e) in {"strict (λ = ∞)": (math.inf, math.inf), "no penalty (λ = 0)": (0.0, 0.0)}.items()}
     chosen = {"without prior": best(rows, prior=False), "with co-occurrence prior": best(rows, prior=True)}
     for name, row in {**reference, **chosen}.items():

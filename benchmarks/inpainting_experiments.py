@@ -442,7 +442,7 @@ BASELINES = METHODS[4:]
 PRIOR_WEIGHT = 1.0
 """Weight of the co-occurrence log-prior of the prior variant, chosen with its penalties on the calibration split."""
 PRIOR_PENALTY = (2.0, 2.0)
-"""(λ_charge, λ_EN) nats of the prior variant, chosen on the calibration split (``inpainting_calibrate.py``)."""
+"""(λ_charge, λ_other) nats of the prior variant, chosen on the calibration split (``inpainting_calibrate.py``)."""
 METRICS = ("element_top1", "composition", "compositional", "match", "decoded")
 
 

@@ -74,8 +74,9 @@ def test_charge_neutrality_is_smact():
     assert not is_charge_neutral(Counter({"Na": 4, "O": 4, "F": 4}))
     assert smact_flags(Counter({"Li": 8, "F": 4})) == (False, False), "no oxidation states balance Li2F"
     assert smact_flags(Counter({"Na": 3, "Cl": 1})) == (True, False), "Na3Cl balances only as Na(-1) Cl(+3)"
-    assert ChemistryPenalty(unbalanced=5.0, electronegativity=1.0).of(Counter({"Na": 3, "Cl": 1})) == 1.0
-    assert ChemistryPenalty(unbalanced=5.0, electronegativity=1.0).of(Counter({"Li": 8, "F": 4})) == 5.0
+    assert smact_flags(Counter({"Co": 24, "O": 32})) == (True, False), "spinel Co3O4 balances only as Co(II)Co(III)2"
+    assert ChemistryPenalty(unbalanced=5.0, other=1.0).of(Counter({"Na": 3, "Cl": 1})) == 1.0
+    assert ChemistryPenalty(unbalanced=5.0, other=1.0).of(Counter({"Li": 8, "F": 4})) == 5.0
     assert DEFAULT_PENALTY.of(Counter({"Na": 4, "Cl": 4})) == 0.0
 
 
@@ -129,16 +130,23 @@ def test_alpha_fill_gives_one_absent_element_to_every_masked_orbit(token_lists):
 
 
 def test_balanced_fill_ranks_above_imbalanced_of_equal_probability(token_lists):
-    # a real oxide: O on the masked orbits gives a SMACT-valid composition, F does not balance
-    def oxide(context, truth):
-        return truth[0] == "O" and is_charge_neutral(completed_counts(context, ["O"] * len(truth))) and \
-            smact_flags(completed_counts(context, ["F"] * len(truth))) == (False, False)
+    # a real crystal whose masked element gives a SMACT-valid composition while a common alternative
+    # does not balance under any SMACT oxidation states (mixed valence allowed)
+    others = ("F", "Cl", "O", "S", "N", "Li", "Na", "K", "Mg", "Ca", "H")
 
-    context, truth = _sample_context(token_lists, True, oxide)
-    for elements in (["F", "O"], ["O", "F"]):
+    def imbalanced(context, truth):
+        return [e for e in others if e not in context.known_counts() and e != truth[0]
+                and smact_flags(completed_counts(context, [e] * len(truth))) == (False, False)]
+
+    def fits(context, truth):
+        return is_charge_neutral(completed_counts(context, truth)) and bool(imbalanced(context, truth))
+
+    context, truth = _sample_context(token_lists, True, fits)
+    other = imbalanced(context, truth)[0]
+    for elements in ([other, truth[0]], [truth[0], other]):
         log_probs = np.full((len(truth), 2), np.log(0.5))
         ranked = chemistry_ranker(pool=2)(context, log_probs, elements, 2)
-        assert [a[0] for _, a in ranked] == ["O", "F"], f"order of {elements} must not matter"
+        assert [a[0] for _, a in ranked] == [truth[0], other], f"order of {elements} must not matter"
         assert model_ranker(context, log_probs, elements, 1)[0][1][0] == elements[0], "the plain model just takes the first"
 
 
@@ -154,7 +162,7 @@ def test_soft_lets_a_confident_model_keep_a_smact_invalid_truth(token_lists):
 
     context, truth = _sample_context(token_lists, True, invalid_truth)
     elements = [truth[0], *[e for e in candidates if e not in context.known_counts()]]
-    margin = max(DEFAULT_PENALTY.unbalanced, DEFAULT_PENALTY.electronegativity) + 1.0
+    margin = max(DEFAULT_PENALTY.unbalanced, DEFAULT_PENALTY.other) + 1.0
     row = np.full(len(elements), -margin - 1.0)
     row[0] = -1.0
     log_probs = np.tile(row, (len(truth), 1)) / len(truth)  # joint: truth -1, every other element -(margin + 1)

@@ -7,13 +7,16 @@ assignments from the model's probabilities (beam search over the ``pool`` most p
 orbit) and re-scores it with what SMACT says of the completed composition (oxidation states from SMACT's
 table for the unmasked and the filled elements together):
 
-    score = ln P_model(assignment) − λ_charge · [no charge-neutral oxidation-state combination]
-                                   − λ_EN · [charge-neutral, but not in Pauling electronegativity order]
+    score = ln P_model(assignment) − λ_charge · [no charge-neutral oxidation-state combination, even mixed-valence]
+                                   − λ_other · [neutral only with mixed valence or against the Pauling order]
 
-(:class:`ChemistryPenalty`, nats). *Soft* (the default, finite λ chosen on a calibration split of the
-training data by ``benchmarks/inpainting_calibrate.py``) lets a confident model overrule SMACT: about one
-MP-20 crystal in ten is itself not SMACT-valid, and the *strict* ranking (λ = ∞: every SMACT-valid
-completion above every invalid one, CDVAE's ``smact_validity``) forces a wrong element on exactly those.
+(:class:`ChemistryPenalty`, nats; "SMACT-valid", penalty 0, is CDVAE's ``smact_validity``: one SMACT
+oxidation state per element, charge neutrality, Pauling electronegativity order). *Soft* (the default,
+finite λ chosen on a calibration split of the training data by ``benchmarks/inpainting_calibrate.py``)
+lets a confident model overrule SMACT: about one MP-20 crystal in ten is itself not SMACT-valid (spinels
+and other mixed-valence oxides such as Co3O4 among them), and the *strict* ranking (λ = ∞: every
+SMACT-valid completion above every invalid one) forces a wrong element on exactly those; with several
+masked orbits it also trades a right orbit for a neutral joint fill.
 When all orbits of one element are masked (``tied``), the orbits take one element, and that element is by
 construction absent from the rest of the crystal, so elements already present are excluded. Nothing here
 re-implements oxidation states: SMACT decides.
@@ -102,21 +105,20 @@ def _smact_flags(key: tuple[tuple[str, int], ...]) -> tuple[bool, bool]:
     from training.evaluate import OXIDATION_STATES_SET, is_compositionally_valid
 
     composition = Composition(dict(key))
-    valid = is_compositionally_valid(composition)
-    if valid:
+    if is_compositionally_valid(composition):
         return True, True
     try:
         with warnings.catch_warnings():  # SMACT warns about elements without a Pauling electronegativity
             warnings.simplefilter("ignore")
             balanced = bool(smact_validity(composition, use_pauling_test=False, include_alloys=True,
-                                           oxidation_states_set=OXIDATION_STATES_SET))
+                                           oxidation_states_set=OXIDATION_STATES_SET, mixed_valence=True))
     except KeyError:  # an element SMACT has no data for
         balanced = False
     return balanced, False
 
 
 def smact_flags(counts: Counter) -> tuple[bool, bool]:
-    """(charge-neutral with some SMACT oxidation states, SMACT-valid: neutral + Pauling order) of a composition."""
+    """(charge-neutral with SMACT oxidation states, mixed valence allowed; SMACT-valid as CDVAE) of a composition."""
     return _smact_flags(tuple(sorted((e, int(n)) for e, n in counts.items() if n > 0)))
 
 
@@ -130,19 +132,19 @@ class ChemistryPenalty:
     """Nats taken from a completion's log-probability for what SMACT says of its completed composition."""
 
     unbalanced: float
-    """No combination of SMACT oxidation states makes the composition charge-neutral."""
-    electronegativity: float
-    """Charge-neutral, but no neutral combination puts the anions above the cations in Pauling electronegativity."""
+    """No combination of SMACT oxidation states (an element may take two: mixed valence) is charge-neutral."""
+    other: float
+    """Charge-neutral, but only with mixed valence or with anions less electronegative (Pauling) than cations."""
 
     def of(self, counts: Counter) -> float:
         """The penalty (nats; 0 for a SMACT-valid composition) of one completed composition."""
         balanced, valid = smact_flags(counts)
-        return 0.0 if valid else self.electronegativity if balanced else self.unbalanced
+        return 0.0 if valid else self.other if balanced else self.unbalanced
 
 
-STRICT_PENALTY = ChemistryPenalty(unbalanced=math.inf, electronegativity=math.inf)
+STRICT_PENALTY = ChemistryPenalty(unbalanced=math.inf, other=math.inf)
 """Every SMACT-valid completion above every invalid one (the ranking before calibration)."""
-DEFAULT_PENALTY = ChemistryPenalty(unbalanced=2.0, electronegativity=2.0)
+DEFAULT_PENALTY = ChemistryPenalty(unbalanced=2.0, other=2.0)
 """The soft penalties chosen on the calibration split (``benchmarks/inpainting_calibrate.py``)."""
 
 
