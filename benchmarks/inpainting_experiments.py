@@ -439,9 +439,9 @@ METHODS = ("model", "model + strict chemistry", "model + soft chemistry", "model
            "most frequent", "co-occurrence", "SMACT only")
 CHEMISTRY_METHODS = METHODS[1:4]
 BASELINES = METHODS[4:]
-PRIOR_WEIGHT = 1.0
+PRIOR_WEIGHT = 0.25
 """Weight of the co-occurrence log-prior of the prior variant, chosen with its penalties on the calibration split."""
-PRIOR_PENALTY = (2.0, 2.0)
+PRIOR_PENALTY = (12.0, 0.5)
 """(λ_charge, λ_other) nats of the prior variant, chosen on the calibration split (``inpainting_calibrate.py``)."""
 METRICS = ("element_top1", "composition", "compositional", "match", "decoded")
 
