@@ -90,10 +90,12 @@ def test_strict_and_soft_ranking_of_a_toy_oxide():
     assert model_ranker(context, log_probs, elements, 1)[0][1] == ("F",)
     strict = chemistry_ranker(pool=5, penalty=STRICT_PENALTY)(context, log_probs, elements, 4)
     assert [species for _, species in strict] == [("O",), ("S",), ("F",), ("Cl",)]
-    assert strict[0][0] == pytest.approx(np.log(0.15)), "the score stays the model's log-probability"
+    assert strict[0][0] == pytest.approx(np.log(0.15)), "a SMACT-valid completion keeps the model's log-probability"
+    assert strict[2][0] == -np.inf
     mild = chemistry_ranker(pool=5, penalty=ChemistryPenalty(0.5, 0.5))(context, log_probs, elements, 4)
     assert [species for _, species in mild] == [("F",), ("Cl",), ("O",), ("S",)], "ln .4 - .5 > ln .3 - .5 > ln .15 > ln .1"
-    assert mild[0][0] == pytest.approx(np.log(0.4))
+    assert mild[0][0] == pytest.approx(np.log(0.4) - 0.5)
+    assert [score for score, _ in mild] == sorted((score for score, _ in mild), reverse=True)
 
 
 def _sample_context(token_lists, tied: bool, wanted) -> tuple[MaskContext, list[str]]:
@@ -119,14 +121,16 @@ def test_alpha_fill_gives_one_absent_element_to_every_masked_orbit(token_lists):
     log_probs = np.log(rng.dirichlet(np.ones(len(elements)), size=len(truth)))
     assert len({row.argmax() for row in log_probs}) > 1, "orbit favourites differ"
     present = set(context.known_counts())
-    for mode in ("soft", "strict"):
-        ranked = ranker_for_mode(mode)(context, log_probs, elements, 5)
-        assert len(ranked) == 5
-        for score, assignment in ranked:
-            assert len(set(assignment)) == 1 and len(assignment) == len(truth)
-            assert assignment[0] not in present
-            j = elements.index(assignment[0])
-            assert score == pytest.approx(log_probs[:, j].sum()), "joint score = sum over the tied orbits"
+    ranked = ranker_for_mode("soft")(context, log_probs, elements, 5)
+    assert len(ranked) == 5
+    for score, assignment in ranked:
+        assert len(set(assignment)) == 1 and len(assignment) == len(truth)
+        assert assignment[0] not in present
+        joint = log_probs[:, elements.index(assignment[0])].sum()
+        assert score == pytest.approx(joint - DEFAULT_PENALTY.of(completed_counts(context, assignment))), \
+            "score = sum over the tied orbits - SMACT penalty"
+    strict = ranker_for_mode("strict")(context, log_probs, elements, 5)
+    assert all(len(set(a)) == 1 and a[0] not in present for _, a in strict)
 
 
 def test_balanced_fill_ranks_above_imbalanced_of_equal_probability(token_lists):

@@ -175,14 +175,15 @@ def model_pool(context: MaskContext, log_probs: np.ndarray, elements: Sequence[s
 
 
 def chemistry_rerank(context: MaskContext, candidates: Candidates, penalty: ChemistryPenalty = DEFAULT_PENALTY) -> Candidates:
-    """``candidates`` best first by log-probability − :class:`ChemistryPenalty`; each keeps its model score.
+    """``candidates`` re-scored as log-probability − :class:`ChemistryPenalty` (nats), best first.
 
-    With infinite penalties (:data:`STRICT_PENALTY`) the SMACT-valid completions come first, then the
-    rest, each group in model order.
+    With infinite penalties (:data:`STRICT_PENALTY`) the SMACT-valid completions come first with their
+    model scores, then the rest (score −∞), each group in model order.
     """
-    penalties = [penalty.of(completed_counts(context, assignment)) for _, assignment in candidates]
-    order = sorted(range(len(candidates)), key=lambda i: (penalties[i] - candidates[i][0], -candidates[i][0]))
-    return [candidates[i] for i in order]
+    rescored = [(score - penalty.of(completed_counts(context, assignment)), score, assignment)
+                for score, assignment in candidates]
+    rescored.sort(key=lambda item: (-item[0], -item[1]))
+    return [(chem, assignment) for chem, _, assignment in rescored]
 
 
 ElementPrior = Callable[[MaskContext, Sequence[str]], np.ndarray]

@@ -57,7 +57,11 @@ class InpaintRequest:
 
 @dataclass(frozen=True)
 class Completion:
-    """One completed crystal: the structure, its token text, its probability under the model and the chosen elements."""
+    """One completed crystal: the structure, its token text, its ranking score as a probability and the chosen elements.
+
+    ``probability`` is the model's joint probability of the chosen elements, times e^−penalty with a
+    chemistry mode (:class:`training.chemistry.ChemistryPenalty`): completions come best first by it.
+    """
 
     structure: Structure
     text: str
