@@ -100,9 +100,9 @@ def test_strict_and_soft_ranking_of_a_toy_oxide():
 
 def _sample_context(token_lists, tied: bool, wanted) -> tuple[MaskContext, list[str]]:
     """The first sample crystal (masking all orbits of its most common element) for which ``wanted(context, truth)``."""
-    for tokens in token_lists:
-        from crystal_tokenizers.wyckoff.masking import element_positions
+    from crystal_tokenizers.wyckoff.masking import element_positions
 
+    for tokens in token_lists:
         orbit_elements = [tokens[i] for i in element_positions(tokens)]
         element = Counter(orbit_elements).most_common(1)[0][0]
         orbits = [k for k, e in enumerate(orbit_elements) if e == element]
