@@ -1,12 +1,13 @@
 """``crystal-lm inpaint`` as a user runs it, scored against always-"O" and element co-occurrence on the same masks.
 
 Writes the first ``--crystals`` rows of mp_20/val.csv to a CSV, runs ``crystal-lm inpaint --mask-fraction
-0.3 --top-k 1 --json`` (plain, then ``--chemistry``) with a saved model, and counts masked orbits whose
+0.3 --top-k 1 --json`` once per ``--chemistry`` mode (none, soft, strict; the CLI's default is named) with a
+saved model, and counts masked orbits whose
 top-1 element is the original one. The baselines see the same masked orbits (read from the JSON):
 always "O", and the element most often seen with the unmasked elements in the training split of a
 prepared dataset (default: the pre-training union).
 
-    python benchmarks/inpainting_cli_check.py --model /work/runs_i18/union-pretrain/final
+    python benchmarks/inpainting_cli_check.py --model /work/runs_h18/union-pretrain/final
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from _machine import machine_line  # noqa: E402
 VAL = ROOT.parent / "shared" / "data" / "mp_20" / "val.csv"
 
 
-def run_cli(source: Path, model: Path, chemistry: bool, seed: int) -> list[dict]:
-    """The JSON lines of one ``crystal-lm inpaint`` run."""
+def run_cli(source: Path, model: Path, chemistry: str, seed: int) -> list[dict]:
+    """The JSON lines of one ``crystal-lm inpaint --chemistry MODE`` run."""
     from training.cli import main
 
     argv = ["inpaint", str(source), "--model", str(model), "--mask-fraction", "0.3", "--top-k", "1", "--json",
-            "--seed", str(seed)] + (["--chemistry"] if chemistry else [])
+            "--seed", str(seed), "--chemistry", chemistry]
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         main(argv)
@@ -45,14 +46,14 @@ def run_cli(source: Path, model: Path, chemistry: bool, seed: int) -> list[dict]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--train-data", type=Path, default=Path("/work/runs_i18/data/union"))
+    parser.add_argument("--train-data", type=Path, default=Path("/work/runs_h18/data/union"))
     parser.add_argument("--crystals", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     from crystal_tokenizers import WyckoffTokenizer
     from crystal_tokenizers.wyckoff.masking import element_positions
-    from training.chemistry import MaskContext, cooccurrence_baseline, element_statistics
+    from training.chemistry import CHEMISTRY_MODES, DEFAULT_MODE, MaskContext, cooccurrence_baseline, element_statistics
     from training.data import load_split
     from training.inpaint import read_structures_file
 
@@ -61,14 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         source = Path(tmp) / "val100.csv"
         pd.read_csv(VAL).head(args.crystals).to_csv(source, index=False)
         names, structures = read_structures_file(source)
-        runs = {"model": run_cli(source, args.model, False, args.seed),
-                "model + chemistry": run_cli(source, args.model, True, args.seed)}
+        runs = {f"--chemistry {mode}" + (" (default)" if mode == DEFAULT_MODE else ""): run_cli(source, args.model, mode, args.seed)
+                for mode in CHEMISTRY_MODES}
     train_tokens = [tokenizer.convert_ids_to_tokens(tokenizer(t)["input_ids"])
                     for t in load_split(args.train_data, "train")["text"]]
     cooccurrence = cooccurrence_baseline(*element_statistics(train_tokens))
     hits = {name: 0 for name in [*runs, "always O", "co-occurrence"]}
     orbits = completed = 0
-    for index, result in enumerate(runs["model"]):
+    plain = next(iter(runs))
+    for index, result in enumerate(runs[plain]):
         if result["error"]:
             continue
         tokens = tokenizer.convert_ids_to_tokens(tokenizer(tokenizer.structure_to_string(structures[index]))["input_ids"])
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         orbits += len(truth)
         for name, run in runs.items():
             best = run[index]["completions"][:1]
-            completed += bool(best) and name == "model"
+            completed += bool(best) and name == plain
             hits[name] += sum(a == b for a, b in zip(best[0]["species"], truth)) if best else 0
         hits["always O"] += sum(t == "O" for t in truth)
         (_, guess), = cooccurrence(MaskContext(damaged, tuple(positions), False), np.zeros((len(positions), 1)), ["O"], 1)

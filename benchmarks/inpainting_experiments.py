@@ -435,7 +435,14 @@ def reconstruction_metrics(model_dir: Path, texts: list[str], frequency: Counter
 # --------------------------------------------------------------------------------------------------
 
 VALIDATION_SETS = ("mp_20/val.csv", "mp20_sample/val.csv")
-METHODS = ("model", "model + chemistry", "model + chemistry + co-occurrence prior", "model + chemistry (soft 2 nats)", "most frequent", "co-occurrence", "SMACT only")
+METHODS = ("model", "model + strict chemistry", "model + soft chemistry", "model + soft chemistry + co-occurrence prior",
+           "most frequent", "co-occurrence", "SMACT only")
+CHEMISTRY_METHODS = METHODS[1:4]
+BASELINES = METHODS[4:]
+PRIOR_WEIGHT = 0.25
+"""Weight of the co-occurrence log-prior of the prior variant, chosen with its penalties on the calibration split."""
+PRIOR_PENALTY = (12.0, 0.5)
+"""(λ_charge, λ_other) nats of the prior variant, chosen on the calibration split (``inpainting_calibrate.py``)."""
 METRICS = ("element_top1", "composition", "compositional", "match", "decoded")
 
 
@@ -456,14 +463,17 @@ def validation_texts(tokenizer: Any, name: str) -> list[str]:
 
 
 def species_rankers(train_tokens: list[list[str]]) -> dict[str, Any]:
-    """Every method of :data:`METHODS` as a ranker (None: the plain model)."""
-    from training.chemistry import chemistry_ranker, cooccurrence_baseline, element_statistics, model_ranker
-    from training.chemistry import cooccurrence_log_prior, most_frequent_baseline, smact_baseline
+    """Every method of :data:`METHODS` as a ranker."""
+    from training.chemistry import STRICT_PENALTY, ChemistryPenalty, chemistry_ranker, cooccurrence_baseline
+    from training.chemistry import cooccurrence_log_prior, element_statistics, model_ranker, most_frequent_baseline
+    from training.chemistry import smact_baseline
 
     frequency, pairs = element_statistics(train_tokens)
-    return {"model": model_ranker, "model + chemistry": chemistry_ranker(),
-            "model + chemistry + co-occurrence prior": chemistry_ranker(prior=cooccurrence_log_prior(frequency, pairs)),
-            "model + chemistry (soft 2 nats)": chemistry_ranker(penalty=2.0),
+    prior_penalty = ChemistryPenalty(*PRIOR_PENALTY)
+    return {"model": model_ranker, "model + strict chemistry": chemistry_ranker(penalty=STRICT_PENALTY),
+            "model + soft chemistry": chemistry_ranker(),
+            "model + soft chemistry + co-occurrence prior": chemistry_ranker(
+                prior=cooccurrence_log_prior(frequency, pairs), prior_weight=PRIOR_WEIGHT, penalty=prior_penalty),
             "most frequent": most_frequent_baseline(frequency),
             "co-occurrence": cooccurrence_baseline(frequency, pairs), "SMACT only": smact_baseline(frequency)}
 
@@ -494,7 +504,8 @@ def score_results(results: list[Any], originals: list[Any]) -> dict[str, float]:
             "n": n, "masked_orbits": orbits}
 
 
-def species_table(model_dir: Path, train_texts: list[str], seed: int = 0, methods: Sequence[str] | None = None) -> dict[str, Any]:
+def species_table(model_dir: Path, train_texts: list[str], seed: int = 0, methods: Sequence[str] | None = None,
+                  noise_levels: Sequence[float] = NOISE_LEVELS) -> dict[str, Any]:
     """Every method on every validation set × mask type × σ̃ (the same masks and noise for all methods).
 
     Baselines choose species only; their coordinates are the model's denoised ones (the forward pass
@@ -511,7 +522,7 @@ def species_table(model_dir: Path, train_texts: list[str], seed: int = 0, method
         texts = validation_texts(tokenizer, name)
         originals = [tokenizer.string_to_structure(text) for text in texts]
         for mask_type in MASK_TYPES:
-            for noise in NOISE_LEVELS:
+            for noise in noise_levels:
                 requests = mask_requests(texts, tokenizer, mask_type, noise, frequency, seed)
                 for method, ranker in rankers.items():
                     start = time.perf_counter()
@@ -536,12 +547,11 @@ def _species_markdown(table: dict[str, Any]) -> str:
 def _species_verdict(table: dict[str, Any]) -> str:
     """Does each chemistry-aware variant beat every baseline (top-1 element of masked orbits) on every setting?"""
     lines, settings = [], sorted({tuple(k.split(" | ")[:2]) for k in table})
-    baselines = ("most frequent", "co-occurrence", "SMACT only")
-    for variant in ("model + chemistry", "model + chemistry + co-occurrence prior", "model + chemistry (soft 2 nats)"):
+    for variant in ("model", *CHEMISTRY_METHODS):
         wins = 0
         for name, setting in settings:
             chem = table[f"{name} | {setting} | {variant}"]
-            best = {m: table[f"{name} | {setting} | {m}"] for m in baselines}
+            best = {m: table[f"{name} | {setting} | {m}"] for m in BASELINES}
             ok = all(chem["element_top1"] > b["element_top1"] for b in best.values())
             wins += ok
             top = max(best, key=lambda m: best[m]["element_top1"])
@@ -617,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("prepare", "pretrain", "stability", "gan", "property", "evaluate", "species", "stability-all", "all"))
     parser.add_argument("--methods", default=None, help="species: comma-separated subset of the methods")
+    parser.add_argument("--noise", default=",".join(map(str, NOISE_LEVELS)), help="species: comma-separated σ̃ levels")
     parser.add_argument("--model-dir", type=Path, default=None, help="species: the saved masked model (default: WORK/pretrain/final)")
     parser.add_argument("--train-data", type=Path, default=None,
                         help="species: prepared dataset whose train split gives the element statistics (default: WORK/data/mp20)")
@@ -680,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
 
         train_texts = list(load_split(args.train_data or data, "train")["text"])
         log["species"] = species_table(args.model_dir or work / "pretrain" / "final", train_texts,
-                                       methods=args.methods.split(",") if args.methods else None)
+                                       methods=args.methods.split(",") if args.methods else None,
+                                       noise_levels=[float(v) for v in args.noise.split(",")])
         print(_species_markdown(log["species"]))
         if not args.methods:
             print(_species_verdict(log["species"]))

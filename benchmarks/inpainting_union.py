@@ -6,10 +6,13 @@ StructureMatcher fit (pymatgen defaults) against every held-out crystal of the s
 space group (spglib, symprec 0.1 Å) and number of sites (the key keeps carbon_24's 2,000 all-carbon
 crystals from a quadratic number of fits).
 Duplicates inside the union are removed the same way (first source wins). The CSV has a ``split`` column
-(train = the union, validation = mp_20/val), so ``crystal-lm prepare-data`` keeps it as given:
+(train = the union, validation = mp_20/val), so ``crystal-lm prepare-data`` keeps it as given. A share of
+the mp_20/train rows of the union (``--calibration-fraction``, chosen by a SHA-256 hash of the id) becomes
+the ``calibration`` split: training data kept out of pre-training, on which the chemistry-aware ranking's
+weights are chosen (``benchmarks/inpainting_calibrate.py``), so that no weight is tuned on validation:
 
-    python benchmarks/inpainting_union.py --out /work/runs_i18/union.csv
-    crystal-lm prepare-data /work/runs_i18/union.csv --out /work/runs_i18/data/union --shard-size 2000
+    python benchmarks/inpainting_union.py --out /work/runs_h18/union.csv
+    crystal-lm prepare-data /work/runs_h18/union.csv --out /work/runs_h18/data/union --shard-size 2000
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ TRAIN_SOURCES = ("mp_20/train.csv", "mp20_sample/train.csv", "perov_5/val.csv", 
                  "elastic_tensor_2015/train.csv")
 HELD_OUT = ("mp_20/val.csv", "mp20_sample/val.csv")
 PROPERTIES = ("formation_energy_per_atom", "e_above_hull", "band_gap")
+CALIBRATION_SOURCE = "mp_20/train.csv"
+DEFAULT_CALIBRATION_FRACTION = 0.12
+"""Share of the union's mp_20/train rows kept out of pre-training for choosing the ranking weights."""
 
 
 def _rows(name: str) -> pd.DataFrame:
@@ -102,12 +108,28 @@ def build_union() -> tuple[pd.DataFrame, dict[str, int]]:
     return pd.concat([train, validation], ignore_index=True), counts
 
 
+def with_calibration_split(table: pd.DataFrame, fraction: float) -> pd.DataFrame:
+    """``table`` with the mp_20/train rows of its train split whose id hashes below ``fraction`` moved to ``calibration``."""
+    from training.data import hash_fraction
+
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"calibration fraction must lie in [0, 1), got {fraction}")
+    chosen = (table["split"] == "train") & (table["source"] == CALIBRATION_SOURCE) & \
+        table["material_id"].map(lambda m: hash_fraction(str(m)) < fraction)
+    return table.assign(split=table["split"].where(~chosen, "calibration"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("/work/runs_i18/union.csv"))
+    parser.add_argument("--out", type=Path, default=Path("/work/runs_h18/union.csv"))
+    parser.add_argument("--calibration-fraction", type=float, default=DEFAULT_CALIBRATION_FRACTION,
+                        help="share of the union's mp_20/train rows moved to the calibration split")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     table, counts = build_union()
+    table = with_calibration_split(table, args.calibration_fraction)
+    counts["calibration"] = int((table["split"] == "calibration").sum())
+    counts["train"] -= counts["calibration"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     print(f"{counts} -> {args.out} ({time.perf_counter() - start:.0f} s)")

@@ -6,10 +6,11 @@ free coordinate is displaced by σ̃ × the shortest lattice edge (:mod:`crystal
 One forward pass of ``CrystalMLMForMaskedLM`` gives a species distribution at every masked orbit and a
 clean value for every coordinate. The top-k completions are ranked by their joint probability under the
 model: masking one element ties its orbits to one candidate element (score = Π over orbits); other
-masks treat orbits as independent (the k best assignments, by beam search). With ``chemistry=True``
-a larger pool of model candidates is re-ranked by SMACT validity of the completed composition (charge
-neutrality with the unmasked part, oxidation states from SMACT's table, each orbit's Wyckoff
-multiplicity; :mod:`training.chemistry`). Noised coordinates are replaced by the model's point
+masks treat orbits as independent (the k best assignments, by beam search). With ``chemistry="soft"``
+(the default) or ``"strict"`` a larger pool of model candidates is re-scored by what SMACT says of the
+completed composition (charge neutrality with the unmasked part, oxidation states from SMACT's table,
+Pauling electronegativity order, each orbit's Wyckoff multiplicity; :mod:`training.chemistry`);
+``"none"`` is the plain model. Noised coordinates are replaced by the model's point
 estimates. Orbits are indexed 0.. in the order of the encoded sequence.
 """
 
@@ -33,7 +34,7 @@ from pymatgen.core import Structure
 
 from crystal_tokenizers.errors import CrystalDecodeError, CrystalEncodeError
 from crystal_tokenizers.wyckoff.masking import corrupt, element_positions, orbits_of_species, random_orbits
-from training.chemistry import MaskContext, Ranker, chemistry_ranker, model_ranker
+from training.chemistry import DEFAULT_MODE, MaskContext, Ranker, ranker_for_mode
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,11 @@ class InpaintRequest:
 
 @dataclass(frozen=True)
 class Completion:
-    """One completed crystal: the structure, its token text, its probability under the model and the chosen elements."""
+    """One completed crystal: the structure, its token text, its ranking score as a probability and the chosen elements.
+
+    ``probability`` is the model's joint probability of the chosen elements, times e^−penalty with a
+    chemistry mode (:class:`training.chemistry.ChemistryPenalty`): completions come best first by it.
+    """
 
     structure: Structure
     text: str
@@ -144,15 +149,15 @@ def inpaint_requests(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     names: Sequence[str] | None = None,
-    chemistry: bool = False,
+    chemistry: str = DEFAULT_MODE,
     ranker: Ranker | None = None,
 ) -> list[InpaintResult]:
     """Complete every request (batched forward passes); one :class:`InpaintResult` per request.
 
-    ``chemistry`` re-ranks the model's candidates by SMACT validity; ``ranker`` replaces the ranking
-    altogether (see :mod:`training.chemistry`; the baselines of the benchmark use it).
+    ``chemistry`` (``none``/``soft``/``strict``) re-scores the model's candidates with SMACT; ``ranker``
+    replaces the ranking altogether (see :mod:`training.chemistry`; the baselines of the benchmark use it).
     """
-    ranker = ranker or (chemistry_ranker() if chemistry else model_ranker)
+    ranker = ranker or ranker_for_mode(chemistry)
     if top_k < 1:
         raise InpaintError(f"top_k must be >= 1, got {top_k}")
     rng = np.random.default_rng(seed)
@@ -277,11 +282,12 @@ def inpaint(
     top_k: int = 5,
     seed: int = 0,
     names: Sequence[str] | None = None,
-    chemistry: bool = False,
+    chemistry: str = DEFAULT_MODE,
 ) -> list[InpaintResult]:
     """Top-k completions of each structure after masking (exactly one mask option) and optional noise σ̃.
 
-    ``chemistry`` ranks the model's candidates charge-neutral (SMACT) first. A structure that cannot be
+    ``chemistry``: ``soft`` (model log-probability minus SMACT penalties), ``strict`` (SMACT-valid
+    first) or ``none`` (the plain model); see :mod:`training.chemistry`. A structure that cannot be
     encoded, or lacks the element to mask, gets a result with ``error`` set.
     """
     rng = np.random.default_rng(seed)
@@ -309,16 +315,17 @@ _FILL_MASK_FLOOR = 1e-6
 """Probability given to an element missing from one mask's candidate list (it was in another's)."""
 
 
-def chemistry_fill_mask(text: str, answers: Sequence[Any], top_k: int = 5, tied: bool = False) -> list[dict[str, Any]]:
-    """Joint completions of a ``fill-mask`` pipeline's answers, charge-neutral (SMACT) first.
+def chemistry_fill_mask(text: str, answers: Sequence[Any], top_k: int = 5, tied: bool = False,
+                        strict: bool = False) -> list[dict[str, Any]]:
+    """Joint completions of a ``fill-mask`` pipeline's answers, re-scored by SMACT (soft penalties, or valid first).
 
     ``text`` is the masked token text given to ``pipeline("fill-mask", ...)`` and ``answers`` its output
     (one candidate list per ``<mask>``, as for ``top_k`` > 1; a single mask's flat list is accepted). Each
     mask's candidates are the pool; joint assignments are ranked by the product of the pipeline's scores
-    and re-ranked by SMACT validity of the completed composition (orbit multiplicities from the text).
-    Returns ``{"species", "score", "charge_neutral", "sequence"}`` dicts, best first.
+    minus the SMACT penalties of the completed composition (orbit multiplicities from the text;
+    ``strict``: SMACT-valid completions first). A tied mask takes an element absent from the rest. Returns ``{"species", "score", "charge_neutral", "sequence"}`` dicts, best first.
     """
-    from training.chemistry import chemistry_rerank, completed_counts, is_charge_neutral, model_pool
+    from training.chemistry import DEFAULT_PENALTY, STRICT_PENALTY, chemistry_rerank, completed_counts, is_charge_neutral, model_pool
 
     words = text.split()
     masked = tuple(i for i, w in enumerate(words) if w == "<mask>")
@@ -334,7 +341,8 @@ def chemistry_fill_mask(text: str, answers: Sequence[Any], top_k: int = 5, tied:
             log_probs[row, elements.index(candidate["token_str"].strip())] = math.log(max(candidate["score"], 1e-300))
     context = MaskContext(tuple(words), masked, tied)
     width = max(top_k, 64)
-    ranked = chemistry_rerank(context, model_pool(context, log_probs, elements, width, exclude_present=tied))[:top_k]
+    penalty = STRICT_PENALTY if strict else DEFAULT_PENALTY
+    ranked = chemistry_rerank(context, model_pool(context, log_probs, elements, width, exclude_present=tied), penalty)[:top_k]
     out = []
     for score, species in ranked:
         filled = list(words)
@@ -412,7 +420,7 @@ def inpaint_file(
     top_k: int = 5,
     out_dir: str | Path | None = None,
     seed: int = 0,
-    chemistry: bool = False,
+    chemistry: str = DEFAULT_MODE,
 ) -> InpaintFileReport:
     """``crystal-lm inpaint`` as a function: read structures, complete them, write CIFs + JSON to ``out_dir``."""
     names, structures = read_structures_file(source)

@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 
+from training.chemistry import CHEMISTRY_MODES, DEFAULT_MODE
+
 HELP = "Complete crystals with masked species (and noisy coordinates) using a masked CrystalMLM; writes top-k CIFs"
 
 
@@ -27,8 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", type=float, default=0.0, help="σ̃: displace coordinates by σ̃ × shortest edge, then denoise")
     parser.add_argument("--top-k", type=int, default=5, help="completions per crystal (default 5)")
     parser.add_argument("--out", default=None, help="write <name>/rank<k>_<formula>.cif and inpaint.json here")
-    parser.add_argument("--chemistry", action="store_true",
-                        help="rank the model's candidates charge-neutral first (SMACT, with the unmasked part and orbit multiplicities)")
+    parser.add_argument("--chemistry", choices=CHEMISTRY_MODES, default=DEFAULT_MODE,
+                        help="rank the model's candidates: soft = log-probability minus SMACT penalties (charge "
+                             "neutrality with the unmasked part, orbit multiplicities), strict = SMACT-valid first, "
+                             f"none = the plain model (default {DEFAULT_MODE})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random mask and the noise")
     parser.add_argument("--json", action="store_true", help="print one JSON object per crystal")
 
