@@ -13,8 +13,8 @@ the orbits; σ̃ 0.1 and 0.2), then
   the six mask settings is within one masked orbit (1 / the fewest masked orbits of a setting) of the
   best, the one with the largest charge-neutral share.
 
-    python benchmarks/inpainting_calibrate.py --model-dir /work/runs_h18/union-pretrain/final \\
-        --data /work/runs_h18/data/union --out /work/runs_h18/calibration.json
+    python benchmarks/inpainting_calibrate.py --model-dir runs/union/union-pretrain/final \\
+        --data runs/union/data/union --out runs/union/calibration.json
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def _line(row: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=Path("/work/runs_h18/data/union"),
+    parser.add_argument("--data", type=Path, default=Path("runs/union/data/union"),
                         help="prepared union: 'train' gives the element statistics, 'calibration' the crystals")
     parser.add_argument("--split", default="calibration", help="crystals to calibrate on (a split of training data)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N crystals of the split")

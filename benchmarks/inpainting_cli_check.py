@@ -7,7 +7,7 @@ top-1 element is the original one. The baselines see the same masked orbits (rea
 always "O", and the element most often seen with the unmasked elements in the training split of a
 prepared dataset (default: the pre-training union).
 
-    python benchmarks/inpainting_cli_check.py --model /work/runs_h18/union-pretrain/final
+    python benchmarks/inpainting_cli_check.py --model runs/union/union-pretrain/final
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def run_cli(source: Path, model: Path, chemistry: str, seed: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--train-data", type=Path, default=Path("/work/runs_h18/data/union"))
+    parser.add_argument("--train-data", type=Path, default=Path("runs/union/data/union"))
     parser.add_argument("--crystals", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -11,8 +11,8 @@ the mp_20/train rows of the union (``--calibration-fraction``, chosen by a SHA-2
 the ``calibration`` split: training data kept out of pre-training, on which the chemistry-aware ranking's
 weights are chosen (``benchmarks/inpainting_calibrate.py``), so that no weight is tuned on validation:
 
-    python benchmarks/inpainting_union.py --out /work/runs_h18/union.csv
-    crystal-lm prepare-data /work/runs_h18/union.csv --out /work/runs_h18/data/union --shard-size 2000
+    python benchmarks/inpainting_union.py --out runs/union/union.csv
+    crystal-lm prepare-data runs/union/union.csv --out runs/union/data/union --shard-size 2000
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def with_calibration_split(table: pd.DataFrame, fraction: float) -> pd.DataFrame
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("/work/runs_h18/union.csv"))
+    parser.add_argument("--out", type=Path, default=Path("runs/union/union.csv"))
     parser.add_argument("--calibration-fraction", type=float, default=DEFAULT_CALIBRATION_FRACTION,
                         help="share of the union's mp_20/train rows moved to the calibration split")
     args = parser.parse_args(argv)
