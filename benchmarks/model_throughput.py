@@ -152,13 +152,18 @@ def generation_rate(name: str, model: PreTrainedModel, prompts: torch.Tensor, ne
     return (sequences.shape[1] - prompts.shape[1]) * prompts.shape[0] / elapsed
 
 
-def median_over_repeats(names: list[str], measure: Callable[[str], float], repeats: int) -> dict[str, float]:
-    """Median of ``measure`` per model, models measured in alternation within each repeat."""
+def measure_in_alternation(names: list[str], measure: Callable[[str], float], repeats: int) -> dict[str, list[float]]:
+    """``repeats`` measurements per model, the models measured in alternation within each repeat."""
     samples: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
         for name in names:
             samples[name].append(measure(name))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def paired_ratio(samples: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Median over repeats of ``name``'s rate divided by ``baseline``'s in the same repeat."""
+    return statistics.median(a / b for a, b in zip(samples[name], samples[baseline]))
 
 
 def main() -> None:
@@ -171,23 +176,24 @@ def main() -> None:
                for _ in range(args.train_steps)]
     prompts = torch.full((args.gen_batch, 1), 1)
     models = build_models(args)
-    train = median_over_repeats(list(models), lambda n: training_rate(n, models[n], batches), args.repeats)
+    train = measure_in_alternation(list(models), lambda n: training_rate(n, models[n], batches), args.repeats)
     causal = [name for name, model in models.items() if hasattr(model, "generate") and model.can_generate()]
-    generate = median_over_repeats(causal, lambda n: generation_rate(n, models[n], prompts, args.gen_tokens),
+    generate = measure_in_alternation(causal, lambda n: generation_rate(n, models[n], prompts, args.gen_tokens),
                                    args.repeats)
     print(machine_line())
     print(f"sizes: n_layer={args.n_layer} (per flow for MatterGPT), n_embd={args.n_embd}, n_head={args.n_head}, "
           f"n_inner={args.n_inner}, vocab={args.vocab_size}; train batch {args.batch_size}x{args.seq_len}, "
           f"{args.train_steps} steps; generation {args.gen_batch} sequences x {args.gen_tokens} new tokens; "
-          f"median of {args.repeats}; clock: {args.clock}")
+          f"medians of {args.repeats} repeats (ratios: median of the same-repeat ratios); clock: {args.clock}")
     print(f"{'model':<22}{'params (M)':>11}{'train tok/s':>13}{'vs GPT-2':>9}{'vs BERT':>9}{'gen tok/s':>11}"
           f"{'vs GPT-2':>9}")
     for name, model in models.items():
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        gen = f"{generate[name]:>11.0f}{generate[name] / generate['GPT2LMHeadModel']:>9.2f}" if name in generate else ""
-        print(f"{name:<22}{params:>11.2f}{train[name]:>13.0f}{train[name] / train['GPT2LMHeadModel']:>9.2f}"
-              f"{train[name] / train['BertForMaskedLM']:>9.2f}{gen}")
-
+        gen = (f"{statistics.median(generate[name]):>11.0f}{paired_ratio(generate, name, 'GPT2LMHeadModel'):>9.2f}"
+               if name in generate else "")
+        print(f"{name:<22}{params:>11.2f}{statistics.median(train[name]):>13.0f}"
+              f"{paired_ratio(train, name, 'GPT2LMHeadModel'):>9.2f}{paired_ratio(train, name, 'BertForMaskedLM'):>9.2f}"
+              f"{gen}")
 
 if __name__ == "__main__":
     main()
