@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from transformers import FillMaskPipeline, GenerationConfig, Pipeline
 
+from .generation import property_condition_tensors
+
 logger = logging.getLogger(__name__)
 
 CRYSTAL_SYSTEMS: tuple[str, ...] = (
@@ -92,12 +94,11 @@ def _condition_tensors(
                 f"crystal_system id {crystal_system} is outside [0, {config.num_crystal_systems})")
         kwargs["crystal_system"] = torch.tensor([int(crystal_system)])
     if properties:
-        names = list(config.property_names)
-        unknown = sorted(set(properties) - set(names))
-        if unknown:
-            raise CrystalPipelineError(f"properties {unknown}: the model conditions on {names} only")
-        values = torch.tensor([[float(properties.get(name, math.nan)) for name in names]])
-        kwargs["properties"], kwargs["property_mask"] = torch.nan_to_num(values), torch.isfinite(values)
+        try:
+            kwargs["properties"], kwargs["property_mask"] = property_condition_tensors(
+                config.property_names, properties, 1)
+        except ValueError as err:
+            raise CrystalPipelineError(str(err)) from None
     return kwargs
 
 

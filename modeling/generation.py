@@ -19,7 +19,7 @@ map sampled values into a valid domain before they are stored.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -185,6 +185,20 @@ class NumericGenerationState:
         return mask_to_num_tokens(sequences, values, self.num_token_id)
 
 
+def property_condition_tensors(
+    property_names: Sequence[str], targets: Mapping[str, float], batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``properties`` (B, P) and ``property_mask`` (B, P) of a model conditioned on ``property_names`` for
+    ``targets`` (name -> value, data units); the others unconditioned. Raises ``ValueError`` naming an
+    unknown target."""
+    unknown = sorted(set(targets) - set(property_names))
+    if unknown:
+        raise ValueError(f"the model does not condition on {unknown} (it knows {list(property_names)})")
+    values = torch.tensor([float(targets.get(name, math.nan)) for name in property_names])
+    mask = torch.isfinite(values)
+    return torch.nan_to_num(values).repeat(batch_size, 1), mask.repeat(batch_size, 1)
+
+
 class NumericCandidateGenerator(CandidateGenerator):
     """Assisted decoding for numeric models: an assistant's draft, cut before its first ``<num>``.
 
@@ -225,4 +239,5 @@ __all__ = [
     "NumericValuesProcessor",
     "mask_to_num_tokens",
     "pad_values",
+    "property_condition_tensors",
 ]

@@ -6,13 +6,13 @@ imports the other for them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from crystal_tokenizers import CRYSTAL_SYSTEMS
+from modeling.generation import property_condition_tensors
 
 
 class ConditionError(ValueError):
@@ -21,12 +21,10 @@ class ConditionError(ValueError):
 
 def condition_tensors(config: Any, targets: Mapping[str, float], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``properties`` (B, P) and ``property_mask`` (B, P) for ``targets`` (data units); others unconditioned."""
-    unknown = sorted(set(targets) - set(config.property_names))
-    if unknown:
-        raise ConditionError(f"the model does not condition on {unknown} (it knows {list(config.property_names)})")
-    values = torch.tensor([float(targets.get(name, math.nan)) for name in config.property_names])
-    mask = torch.isfinite(values)
-    return torch.nan_to_num(values).repeat(batch_size, 1), mask.repeat(batch_size, 1)
+    try:
+        return property_condition_tensors(config.property_names, targets, batch_size)
+    except ValueError as err:
+        raise ConditionError(str(err)) from None
 
 
 def parse_composition(text: str) -> dict[str, int]:
