@@ -60,7 +60,12 @@ from crystal_tokenizers.slices.automorphisms import graph_automorphism_rotations
 from crystal_tokenizers.slices.coordination import CoordinationTable
 from crystal_tokenizers.slices.graph import CrystalGraph, species_order_key
 from crystal_tokenizers.slices.rotations import rotation_algebra
-from crystal_tokenizers.slices.systems import CRYSTAL_SYSTEM_NAMES, reachable_systems, rotations_crystal_system
+from crystal_tokenizers.slices.systems import (
+    CRYSTAL_SYSTEM_NAMES,
+    reachable_systems,
+    rotations_crystal_system,
+    smallest_supergroup_order,
+)
 
 ORDERS = ("canonical", "published")
 """Edge orders: the tokenizer's sorted canonical form, or the looser order of the published files."""
@@ -281,6 +286,7 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         self._every_rotation = dict.fromkeys(range(len(self.algebra.triples)), 0)  # "none": nothing goes missing
         self._tail = (len(IDENTITY_TOKENS) if self.symmetry else 0) + 1  # identity group, <eos>
         self._systems: dict[frozenset[int], str] = {}
+        self._extendable_memo: dict[frozenset[int], bool] = {}
 
     # ------------------------------------------------------------------ state
     def _new_row(self) -> _Row:
@@ -610,6 +616,38 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
             return False
         return self.crystal_system is None or self._system(rotations) == self.crystal_system
 
+    def _extendable(self, group: frozenset[int]) -> bool:
+        """Whether the closed ``group`` is, or lies in, a writable group of the requested crystal system
+        (memoised depth-first search over the groups generated with one more rotation)."""
+        if self.crystal_system is None:
+            return True
+        if group not in self._extendable_memo:
+            system = self._system(group)
+            found = system == self.crystal_system
+            if not found and self.crystal_system in reachable_systems(system):
+                members = np.array(sorted(group), dtype=int)
+                product = self.algebra.product
+                fits = (product[:, members] >= 0).all(axis=1) & (product[members, :] >= 0).all(axis=0)
+                fits[members] = False
+                seen: set[frozenset[int]] = set()
+                for number in np.flatnonzero(fits).tolist():
+                    bigger = self.algebra.closure(group | {number})
+                    if bigger is None or bigger in seen:
+                        continue
+                    seen.add(bigger)
+                    if self._extendable(bigger):
+                        found = True
+                        break
+            self._extendable_memo[group] = found
+        return self._extendable_memo[group]
+
+    def _target_order(self, group: frozenset[int]) -> int:
+        """Rotations the finished group will have at least: its own order, or with a requested crystal
+        system the smallest order a group of that system containing it can have (Lagrange bound)."""
+        if self.crystal_system is None:
+            return len(group)
+        return smallest_supergroup_order(len(group), self._system(group), self.crystal_system)
+
     def _system(self, group: frozenset[int]) -> str:
         """Crystal system of a closed group of rotation numbers (memoised)."""
         if group not in self._systems:
@@ -635,9 +673,8 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         for number in candidates[pairwise].tolist():
             members = row.rotations | {number}
             group = self.algebra.closure(members)
-            if group is not None and group <= row.admissible and (
-                    self.crystal_system is None or self.crystal_system in reachable_systems(self._system(group))):
-                row.options[number] = len(group) - len(members)
+            if group is not None and group <= row.admissible and self._extendable(group):
+                row.options[number] = self._target_order(group) - len(members)
         return row.options
 
     def _admissible_rotations(self, row: _Row) -> frozenset[int]:

@@ -32,6 +32,22 @@ _REACHABLE: dict[str, frozenset[str]] = {
 relations of the 32 point groups, International Tables A, Fig. 10.1.3.2)."""
 
 
+POINT_GROUP_ORDERS: dict[str, tuple[int, ...]] = {
+    "cubic": (12, 24, 48), "hexagonal": (6, 12, 24), "trigonal": (3, 6, 12), "tetragonal": (4, 8, 16),
+    "orthorhombic": (4, 8), "monoclinic": (2, 4), "triclinic": (1, 2),
+}  # fmt: skip
+"""Orders of the point groups of each crystal system."""
+
+
+def smallest_supergroup_order(order: int, system: str, target: str) -> int:
+    """A lower bound on the order of a point group of ``target`` that contains a group of ``order`` and
+    ``system``: the group's own order if the systems agree, else the smallest larger multiple of it
+    among ``target``'s orders (Lagrange)."""
+    if system == target:
+        return order
+    return min((n for n in POINT_GROUP_ORDERS[target] if n > order and n % order == 0), default=order)
+
+
 def reachable_systems(system: str) -> frozenset[str]:
     """Crystal systems a point group of ``system`` can grow into by adding rotations (itself included)."""
     return _REACHABLE[system]
@@ -60,4 +76,10 @@ def rotations_crystal_system(rotations: Iterable[np.ndarray]) -> str:
     return "monoclinic" if proper[2] else "triclinic"
 
 
-__all__ = ["CRYSTAL_SYSTEM_NAMES", "reachable_systems", "rotations_crystal_system"]
+__all__ = [
+    "CRYSTAL_SYSTEM_NAMES",
+    "POINT_GROUP_ORDERS",
+    "reachable_systems",
+    "rotations_crystal_system",
+    "smallest_supergroup_order",
+]
