@@ -54,6 +54,7 @@ from crystal_tokenizers.slices.codec import (
 from crystal_tokenizers.slices.coordination import (
     COORDINATION_FILE,
     DEFAULT_QUANTILE,
+    DEFAULT_VOLUME_QUANTILE,
     CoordinationTable,
     learn_coordination,
 )
@@ -154,17 +155,20 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
         self.coordination.save(path)
         return (*files, path)
 
-    def fit_coordination(self, texts: Sequence[str], quantile: float = DEFAULT_QUANTILE, pairs: bool = True) -> CoordinationTable:
-        """Learn the per-element degree limits (and bonded element pairs) from real ``texts``, keep them on
-        the tokenizer (saved with it; used by ``grammar_processor``) and return them. Texts that do not
-        parse are skipped."""
+    def fit_coordination(
+        self, texts: Sequence[str], quantile: float = DEFAULT_QUANTILE, pairs: bool = True,
+        volume_quantile: float | None = DEFAULT_VOLUME_QUANTILE,
+    ) -> CoordinationTable:
+        """Learn the coordination table (per-element degree limits, bonded element pairs, short-cycle volume
+        bound: ``slices.coordination.learn_coordination``) from real ``texts``, keep it on the tokenizer
+        (saved with it; used by ``grammar_processor``) and return it. Texts that do not parse are skipped."""
         graphs = []
         for text in texts:
             try:
                 graphs.append(parse_record(text).graph)
             except CrystalDecodeError:
                 continue
-        self.coordination = learn_coordination(graphs, quantile, pairs)
+        self.coordination = learn_coordination(graphs, quantile, pairs, volume_quantile)
         return self.coordination
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:

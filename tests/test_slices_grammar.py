@@ -331,7 +331,7 @@ def test_coordination_table_is_learned_from_real_strings_and_saved(plus, encoded
     texts = encoded[True]
     tokenizer = SlicesPlusTokenizer()
     assert tokenizer.coordination is None
-    table = tokenizer.fit_coordination(texts)
+    table = tokenizer.fit_coordination(texts, volume_quantile=0.0)
     assert dict(table.max_degree) == _degrees_by_element(texts)
     assert table.graphs == len(texts)
     assert all(table.admits(codec.parse_record(t).graph) for t in texts)  # every training graph within it
@@ -354,11 +354,31 @@ def _saved_plain(folder: Path) -> Path:
 
 
 def test_grammar_with_the_learned_table_admits_every_training_string(plus, encoded):
-    from crystal_tokenizers.slices.coordination import learn_coordination
+    from crystal_tokenizers.slices.coordination import graph_volume_bound, learn_coordination
 
     texts = encoded[True][:60]
-    table = learn_coordination([codec.parse_record(t).graph for t in texts])
+    graphs = [codec.parse_record(t).graph for t in texts]
+    table = learn_coordination(graphs, volume_quantile=0.0)
     assert _rejected(plus, texts, periodic=False, symmetry_check="group", coordination=table) == []
+    # at the default volume quantile exactly the strings whose short cycles bound the volume below it stop
+    strict = learn_coordination(graphs)
+    below = {row for row, g in enumerate(graphs) if graph_volume_bound(g) < strict.min_volume_bound}
+    assert below and {row for row, _, _ in _rejected(plus, texts, periodic=False, symmetry_check="group",
+                                                      coordination=strict)} == below
+
+
+def test_volume_bound_of_short_cycles():
+    """One Na node with three unit loops: the cell vectors are at most one Na-Na bond long, so the volume
+    is at most that length cubed (Hadamard); a loop along (1, 1, 0) instead of (0, 1, 0) keeps det 1."""
+    from crystal_tokenizers.slices.coordination import bond_length, graph_volume_bound
+
+    r = bond_length("Na", "Na")
+    cubic = codec.parse_record("Na 0 0 + o o 0 0 o + o 0 0 o o +").graph
+    assert graph_volume_bound(cubic) == pytest.approx(r**3)
+    two_nodes = codec.parse_record("Na Cl 0 1 o o o 0 1 + o o 0 1 o + o 0 1 o o +").graph  # 2-cycles: 2 bonds each
+    assert graph_volume_bound(two_nodes) == pytest.approx((2 * bond_length("Na", "Cl")) ** 3 / 2)
+    layer = codec.parse_record("Na 0 0 + o o 0 0 o + o").graph
+    assert graph_volume_bound(layer) == math.inf
 
 
 def test_degree_limit_masks_exactly_the_saturated_node(plain):
@@ -404,3 +424,18 @@ def test_sampled_rows_never_exceed_the_degree_limit(plus):
     # partners in canonical order and are closed early
     assert complete >= 30
     assert over_limit(None)[1] > 0  # without the table the same sampling overshoots
+
+
+def test_sampled_rows_keep_the_volume_bound(plus):
+    from crystal_tokenizers.slices.coordination import CoordinationTable, graph_volume_bound
+
+    table = CoordinationTable(dict.fromkeys(codec.ELEMENT_SYMBOLS, 12), min_volume_bound=20.0)
+
+    def bounds(coordination) -> list[float]:
+        texts = _random_logit_samples(plus, 30, 160, seed=7, max_nodes=6, coordination=coordination)
+        graphs = [codec.parse_record(t).graph for t in texts]
+        return [graph_volume_bound(g) for g in graphs if _graph_complete(g)]
+
+    kept = bounds(table)
+    assert len(kept) >= 25 and min(kept) >= 20.0
+    assert min(bounds(None)) < 20.0  # random logits write denser nets without the rule

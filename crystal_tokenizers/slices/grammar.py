@@ -46,6 +46,7 @@ State is kept per sequence and advanced one token per step; a new prompt (or bat
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ import numpy as np
 from crystal_tokenizers.grammar import IncrementalGrammarProcessor
 from crystal_tokenizers.slices.codec import ELEMENT_SYMBOLS, OFFSET_LABELS, ROTATION_ROWS, TRANSLATION_CODES
 from crystal_tokenizers.slices.automorphisms import graph_automorphism_rotations
-from crystal_tokenizers.slices.coordination import CoordinationTable
+from crystal_tokenizers.slices.coordination import CoordinationTable, CycleBound, new_cycles
 from crystal_tokenizers.slices.graph import CrystalGraph, species_order_key
 from crystal_tokenizers.slices.rotations import rotation_algebra
 from crystal_tokenizers.slices.systems import (
@@ -66,6 +67,8 @@ from crystal_tokenizers.slices.systems import (
     rotations_crystal_system,
     smallest_supergroup_order,
 )
+
+logger = logging.getLogger(__name__)
 
 ORDERS = ("canonical", "published")
 """Edge orders: the tokenizer's sorted canonical form, or the looser order of the published files."""
@@ -166,6 +169,9 @@ class _Row:
     degree: list[int] = field(default_factory=list)  # bonds per node so far (a loop counts twice)
     limits: list[int] = field(default_factory=list)  # most bonds per node (coordination table)
     spare: tuple[tuple[int, int, int], dict[int, int], int] | None = None  # ((nodes, edges, i), spare per component, total)
+    cycles: CycleBound = CycleBound()  # loops and two-bond cycles and their volume bound (coordination)
+    pair_offsets: list[Offset] = field(default_factory=list)  # offsets of the current pair's edges so far
+    relaxed: bool = False  # the volume rule was dropped for this row (it left no completion)
 
     @property
     def components(self) -> int:
@@ -286,6 +292,7 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         self._every_rotation = dict.fromkeys(range(len(self.algebra.triples)), 0)  # "none": nothing goes missing
         self._tail = (len(IDENTITY_TOKENS) if self.symmetry else 0) + 1  # identity group, <eos>
         self._systems: dict[frozenset[int], str] = {}
+        self._volume_rule = self.coordination is not None and self.coordination.min_volume_bound is not None
         self._extendable_memo: dict[frozenset[int], bool] = {}
 
     # ------------------------------------------------------------------ state
@@ -339,6 +346,12 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
                 if row.last is None or (i, j) != row.last[:2]:
                     row.used = set()
                 row.used.add(v)
+            if self._volume_rule:
+                same = row.pair_offsets if row.last is not None and row.last[:2] == (i, j) else []
+                fresh = new_cycles(row.species, i, j, v, same)
+                if fresh:
+                    row.cycles = row.cycles.extended(fresh)
+                row.pair_offsets = same + [v]
             row.add_edge(i, j, v)
             row.last = (i, j, v)
             row.partial = []
@@ -363,7 +376,19 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
     # ------------------------------------------------------------------ edge feasibility
     def _need_after(self, row: _Row, i: int, j: int, v: Offset, lowest_max: int) -> float:
         """Fewest edges still needed after adding ``(i, j, v)`` (``inf``: the graph can no longer be completed)."""
+        if self._volume_rule and not row.relaxed and not self._dense_enough(row, i, j, v):
+            return INF
         return self._with_capacity(row, i, j, self._graph_need_after(row, i, j, v, lowest_max))
+
+    def _dense_enough(self, row: _Row, i: int, j: int, v: Offset) -> bool:
+        """Whether the short cycles closed by ``(i, j, v)`` keep the volume bound per atom at or above the
+        table's ``min_volume_bound`` (``coordination.volume_bound``)."""
+        same = row.pair_offsets if row.last is not None and row.last[:2] == (i, j) else []
+        fresh = new_cycles(row.species, i, j, v, same)
+        if not fresh:
+            return True
+        bound = row.cycles.extended(fresh).volume
+        return bound / row.num_nodes >= self.coordination.min_volume_bound  # type: ignore[union-attr]
 
     def _graph_need_after(self, row: _Row, i: int, j: int, v: Offset, lowest_max: int) -> float:
         """``_need_after`` without the coordination limits."""
@@ -387,6 +412,10 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         else:
             used = row.used if row.last is not None and row.last[:2] == (i, i) else set()
             later = [u for u in _LOOP_OFFSETS if u != v and u not in used]
+        if self._volume_rule and not row.relaxed:  # each later loop must keep the volume bound after this edge
+            after = row.cycles.extended(new_cycles(row.species, i, i, v, []))
+            least = self.coordination.min_volume_bound * row.num_nodes  # type: ignore[union-attr]
+            later = [u for u in later if after.extended(new_cycles(row.species, i, i, u, [])).volume >= least]
         return 3 - len(basis) if _completes_rank(basis, later) else INF
 
     @staticmethod
@@ -438,7 +467,7 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         restricted = last is not None and (i, j) == last[:2]
         if not self.periodic:
             return self._cover_need(row, i, j) if not restricted or self._offsets(row, i, j) else INF
-        if restricted or i == row.num_nodes - 1:
+        if restricted or i == row.num_nodes - 1 or (i == j and self._volume_rule and not row.relaxed):
             return min((self._need_after(row, i, j, v, lowest_max) for v in self._offsets(row, i, j)), default=INF)
         # free offsets: a merge, or (rank < 3) some offset adds an independent cycle
         same = row.comp[i] == row.comp[j]
@@ -547,7 +576,19 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         return edges < INF and left + 5 * edges + self._tail <= budget
 
     def allowed_tokens(self, row: _Row, length: int) -> list[int]:
-        """Token ids that may come next for ``row`` at sequence length ``length``."""
+        """Token ids that may come next for ``row`` at sequence length ``length``.
+
+        The volume rule is a heuristic whose feasibility test does not look far ahead: where it leaves a
+        row no completion, it is dropped for that row (logged) rather than ending the string unfinished.
+        """
+        allowed = self._allowed_tokens(row, length)
+        if not allowed and self._volume_rule and not row.relaxed:
+            logger.info("volume rule dropped for a sequence in phase %s (no completion kept it)", row.phase.value)
+            row.relaxed, row.v_options = True, None
+            allowed = self._allowed_tokens(row, length)
+        return allowed
+
+    def _allowed_tokens(self, row: _Row, length: int) -> list[int]:
         budget = self._budget(length)
         if row.phase is Phase.DONE:
             return [self.pad_id]
