@@ -36,6 +36,15 @@ conditions (crystal system, properties) are model inputs, not tokens. The rules:
   automorphism of the written labelled graph (``embedding.graph_automorphism_rotations``; for a
   connected 3-periodic graph), so that the decoder can impose every written operation; ``"none"`` keeps
   only the per-operation rules;
+  ``crystal_system`` (with ``"group"``): the group must be one of that crystal system (``slices.systems``):
+  a rotation only if the group it generates still lies in a writable group of that system (a memoised
+  search), its size bound below by Lagrange in the budget, and ``<eos>`` only at such a closed group;
+- coordination (``coordination``, by default the tokenizer's ``CoordinationTable`` learned from training
+  strings; ``None`` switches it off): no node above its element's degree limit, no bond between elements
+  never bonded in training, and the short-cycle volume bound per atom (loops and two-bond cycles fix
+  lattice vectors at about a bond length) not below the table's; an edge is allowed only while enough free
+  bonds remain for the edges still needed (per component, a necessary condition). The volume rule is
+  dropped for a row it leaves without completion (logged);
 - ``max_length`` (the total length passed to ``generate``, prompt and padding included): a token is
   allowed only if the shortest completion after it, ``<eos>`` included, still fits, so every sequence
   closes in time when the budget allows any string at all; ``<pad>`` after ``<eos>``.
