@@ -4,7 +4,9 @@ For the training strings of a saved MatterGPT (``--strings``: a CSV column of SL
 ``--n`` unconditioned samples of the model under the old grammar (no coordination limits) and under the
 coordination table learned from those strings (per ``--quantile``), prints one table: nodes per string,
 mean and 95th-percentile bonds per node, the share of nodes above the element's largest training
-degree, the share of bonds joining an element pair no training graph bonds, and, for the first
+degree, the share of bonds joining an element pair no training graph bonds, loops per node, edges per
+bonded node pair, the median short-cycle volume bound (Å³/atom, ``coordination.graph_volume_bound``;
+``inf`` when a graph has no three independent short cycles), and, for the first
 ``--decode`` strings of each set, the decoded share and the median volume per atom (Å³/atom). The
 baseline is the training strings in the same run; the ratio column is the sampled median Å³/atom over
 the training strings'.
@@ -29,7 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._machine import machine_line  # noqa: E402
 from crystal_tokenizers.errors import CrystalDecodeError  # noqa: E402
 from crystal_tokenizers.slices.codec import parse_record  # noqa: E402
-from crystal_tokenizers.slices.coordination import CoordinationTable, learn_coordination, node_degrees  # noqa: E402
+from crystal_tokenizers.slices.coordination import (  # noqa: E402
+    CoordinationTable,
+    graph_volume_bound,
+    learn_coordination,
+    node_degrees,
+)
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer  # noqa: E402
 from modeling.modeling_mattergpt import MatterGPTForCausalLM  # noqa: E402
 
@@ -55,7 +62,7 @@ def sample_texts(model, tokenizer: SlicesPlusTokenizer, n: int, batch_size: int,
 
 def graph_stats(texts: list[str], table: CoordinationTable) -> dict:
     """Node and bond statistics of the parsable ``texts`` against the (quantile 1.0) ``table``."""
-    nodes, degrees, over, bonds, odd, parsed = [], [], 0, 0, 0, 0
+    nodes, degrees, over, bonds, odd, parsed, loops, pairs, bounds = [], [], 0, 0, 0, 0, 0, 0, []
     for text in texts:
         try:
             graph = parse_record(text).graph
@@ -68,11 +75,17 @@ def graph_stats(texts: list[str], table: CoordinationTable) -> dict:
         over += sum(x > table.limit(s) for x, s in zip(d, graph.species))
         bonds += len(graph.edges)
         odd += sum(not table.bonds(graph.species[i], graph.species[j]) for i, j, *_ in graph.edges)
+        loops += sum(i == j for i, j, *_ in graph.edges)
+        pairs += len({(i, j) for i, j, *_ in graph.edges})
+        bounds.append(graph_volume_bound(graph))
     return {"strings": len(texts), "parsed": parsed, "nodes_median": statistics.median(nodes) if nodes else None,
             "degree_mean": round(float(np.mean(degrees)), 2) if degrees else None,
             "degree_p95": float(np.percentile(degrees, 95)) if degrees else None,
             "over_limit_nodes": round(over / max(1, len(degrees)), 3),
-            "unseen_pair_bonds": round(odd / max(1, bonds), 3)}
+            "unseen_pair_bonds": round(odd / max(1, bonds), 3),
+            "loops_per_node": round(loops / max(1, len(degrees)), 3),
+            "edges_per_bonded_pair": round(bonds / max(1, pairs), 2),
+            "volume_bound_median": round(float(np.median(bounds)), 2) if bounds else None}
 
 
 def density_stats(texts: list[str], tokenizer: SlicesPlusTokenizer) -> dict:
@@ -100,6 +113,7 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=40, help="strings of each set decoded for the density")
     parser.add_argument("--quantile", type=float, nargs="+", default=[1.0], help="quantiles of the degree table")
     parser.add_argument("--no-pairs", action="store_true", help="tables without the element-pair rule as well")
+    parser.add_argument("--no-volume", action="store_true", help="tables without the short-cycle volume rule as well")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -114,9 +128,11 @@ def main() -> None:
     model = MatterGPTForCausalLM.from_pretrained(args.model).eval()
     variants: list[tuple[str, CoordinationTable | None]] = [("old grammar", None)]
     for q in args.quantile:
-        variants.append((f"degree q={q} + pairs", learn_coordination(graphs, q)))
+        variants.append((f"degree q={q} + pairs + volume", learn_coordination(graphs, q)))
         if args.no_pairs:
-            variants.append((f"degree q={q}", learn_coordination(graphs, q, pairs=False)))
+            variants.append((f"degree q={q} + volume", learn_coordination(graphs, q, pairs=False)))
+        if args.no_volume:
+            variants.append((f"degree q={q} + pairs", learn_coordination(graphs, q, volume_quantile=None)))
     rows = [{"set": "training strings", **graph_stats(texts, reference), **density_stats(texts[:args.decode], tokenizer)}]
     for name, coordination in variants:
         start = time.perf_counter()
