@@ -20,7 +20,7 @@ from crystal_tokenizers.slices.systems import CRYSTAL_SYSTEM_NAMES, rotations_cr
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
 from crystal_tokenizers.wyckoff.orbits import structure_crystal_system
 from tests.conftest import SHARED_DATA, requires_shared
-from tests.test_slices_grammar import _framed, _rejected, _sample_operations
+from tests.test_slices_grammar import _rejected, _sample_operations
 
 PAPER_7CLASS = "slices_plus_paper/crystal_system_plus_7class.csv"
 PER_CLASS = 3

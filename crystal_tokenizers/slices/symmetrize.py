@@ -25,8 +25,7 @@ from pymatgen.core import Lattice, Structure
 from scipy.optimize import linear_sum_assignment
 
 PROJECTION_ROUNDS = 12
-"""Most rounds of translation/assignment search and averaging (4 left 3 of 18 distorted paper crystals
-short of their system, 8 none); the rounds stop once no atom moves by more than ``CONVERGED_FRAC``."""
+"""Most rounds of assignment and averaging; they stop once no atom moves by more than ``CONVERGED_FRAC``."""
 CONVERGED_FRAC = 1e-6
 MERGE_A = 0.5
 """Å: images of one atom closer than this are one site; the decoder's closest-approach bound."""
@@ -47,22 +46,6 @@ def _sq_dist(diff: np.ndarray, metric: np.ndarray) -> np.ndarray:
     return np.einsum("...i,ij,...j->...", d, metric, d)
 
 
-def _best_translation(frac: np.ndarray, species: np.ndarray, rotation: np.ndarray, metric: np.ndarray) -> np.ndarray:
-    """The translation ``t`` for which ``R x + t`` puts every atom nearest to an atom of its species."""
-    rotated = frac @ rotation.T
-    rare = min(set(species.tolist()), key=lambda s: (np.sum(species == s), s))
-    anchor = int(np.flatnonzero(species == rare)[0])
-    same = species[:, None] == species[None, :]
-    best, best_cost = np.zeros(3), np.inf
-    for target in np.flatnonzero(species == rare):
-        t = frac[target] - rotated[anchor]
-        dist = _sq_dist(rotated[:, None, :] + t - frac[None, :, :], metric)
-        cost = float(np.where(same, dist, np.inf).min(axis=1).sum())
-        if cost < best_cost:
-            best, best_cost = t, cost
-    return best
-
-
 def _assignment(mapped: np.ndarray, frac: np.ndarray, species: np.ndarray, metric: np.ndarray) -> np.ndarray:
     """``pi[i]``: the atom of the same species nearest to ``mapped[i]``, one-to-one within each species."""
     pi = np.empty(len(frac), dtype=int)
@@ -75,25 +58,20 @@ def _assignment(mapped: np.ndarray, frac: np.ndarray, species: np.ndarray, metri
 
 
 def project_positions(
-    frac: np.ndarray, species: np.ndarray, rotations: np.ndarray, metric: np.ndarray, rounds: int = PROJECTION_ROUNDS,
-    origin: np.ndarray | None = None,
+    frac: np.ndarray, species: np.ndarray, rotations: np.ndarray, metric: np.ndarray, origin: np.ndarray,
+    rounds: int = PROJECTION_ROUNDS,
 ) -> np.ndarray:
-    """Fractional positions averaged over the group's images (see the module docstring), not wrapped.
-
-    With ``origin`` the translations are ``(I - R) origin`` (a symmorphic group about it), else each
-    rotation's best translation is searched and refined per round."""
+    """Fractional positions averaged over their images under ``x -> R (x - origin) + origin`` (see the
+    module docstring), not wrapped."""
     frac = np.array(frac, dtype=float)
     inverses = np.round(np.linalg.inv(rotations)).astype(float)
     for _ in range(rounds):
         images = np.zeros_like(frac)
         for rotation, inverse in zip(rotations.astype(float), inverses):
-            fixed = origin is not None
-            t = origin - rotation @ origin if fixed else _best_translation(frac, species, rotation, metric)
+            t = origin - rotation @ origin
             mapped = frac @ rotation.T + t
             pi = _assignment(mapped, frac, species, metric)
             offset = np.round(mapped - frac[pi])  # lattice vector between the image and its partner
-            if not fixed:
-                t = t + np.mean(frac[pi] + offset - mapped, axis=0)  # least-squares translation for this map
             images += (frac[pi] + offset - t) @ inverse.T
         moved = float(np.abs(images / len(rotations) - frac).max())
         frac = images / len(rotations)
@@ -181,7 +159,7 @@ def impose_point_group(structure: Structure, rotations: np.ndarray, rounds: int 
     metric = symmetrized_metric(structure.lattice.matrix @ structure.lattice.matrix.T, rotations.astype(float))
     species = np.array([site.specie.symbol for site in structure])
     origin = best_origin(structure.frac_coords, species, rotations, metric)
-    frac = project_positions(structure.frac_coords, species, rotations, metric, rounds, origin)
+    frac = project_positions(structure.frac_coords, species, rotations, metric, origin, rounds)
     frac, species = orbit_snap(frac, species, rotations.astype(float), origin, metric)
     lattice = Lattice(np.linalg.cholesky(metric))
     properties = {**structure.properties, "sites_before_imposing": len(structure)}
