@@ -75,9 +75,9 @@ def spglib_crystal_system(structure: Structure, symprec: float = JUDGE_SYMPREC) 
 # --------------------------------------------------------------------------------------------- data
 
 
-def encode_mp20(tokenizer: SlicesPlusTokenizer, plain: SlicesPlusTokenizer) -> pd.DataFrame:
+def encode_mp20(tokenizer: SlicesPlusTokenizer, plain: SlicesPlusTokenizer, out_dir: Path = OUT_DIR) -> pd.DataFrame:
     """MP-20 sample rows with crystal system (spglib 0.1), SLICES-PLUS and plain SLICES text; cached as CSV."""
-    cache = OUT_DIR / "mp20_encoded.csv"
+    cache = out_dir / "mp20_encoded.csv"
     if not cache.exists():
         _write_mp20_encoding(tokenizer, plain, cache)
     return pd.read_csv(cache, keep_default_na=False)
@@ -325,9 +325,11 @@ def classify(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------------- experiment 2
 
 
-def generation_pool(tokenizer: SlicesPlusTokenizer, plain: SlicesPlusTokenizer, predictor_fraction: float) -> pd.DataFrame:
+def generation_pool(
+    tokenizer: SlicesPlusTokenizer, plain: SlicesPlusTokenizer, predictor_fraction: float, out_dir: Path = OUT_DIR
+) -> pd.DataFrame:
     """MP-20 sample + paper formation-energy strings: text, crystal system, Ef (eV/atom), and the part each is in."""
-    mp20 = encode_mp20(tokenizer, plain)
+    mp20 = encode_mp20(tokenizer, plain, out_dir)
     mp20 = mp20[(mp20.slices_plus != "") & (mp20.crystal_system != "")]
     paper = pd.read_csv(SHARED_DATA / "slices_plus_paper" / "formation_energy.csv")
     pool = pd.concat(
@@ -515,7 +517,8 @@ def generate(args: argparse.Namespace) -> dict:
     """Experiment 2: conditional generation (crystal system, formation energy) and its judged outcome."""
     tokenizer = SlicesPlusTokenizer(decode_time_limit_s=args.decode_time_limit_s)
     plain = SlicesPlusTokenizer(symmetry=False)
-    pool = generation_pool(tokenizer, plain, args.predictor_fraction)
+    out_dir = args.out_dir
+    pool = generation_pool(tokenizer, plain, args.predictor_fraction, out_dir)
     generator_part, predictor_part = pool[pool.part == "generator"], pool[pool.part == "predictor"]
     log(f"pool {len(pool)}: generator {len(generator_part)}, predictor {len(predictor_part)}")
     predictor_train, predictor_val, mean, std = predictor_split(predictor_part)
@@ -524,20 +527,22 @@ def generate(args: argparse.Namespace) -> dict:
     results = {"pool": len(pool), "generator_strings": len(generator_part), "predictor_strings": len(predictor_part),
                "max_len": args.max_len, "sampling": sampling}
     if args.reuse:
-        generator = MatterGPTForCausalLM.from_pretrained(OUT_DIR / "generator").eval()
-        predictor = MatterGPTForSequenceClassification.from_pretrained(OUT_DIR / "predictor").eval()
-        results["models"] = f"reused from {OUT_DIR}"
+        generator = MatterGPTForCausalLM.from_pretrained(out_dir / "generator").eval()
+        predictor = MatterGPTForSequenceClassification.from_pretrained(out_dir / "predictor").eval()
+        results["models"] = f"reused from {out_dir}"
     else:
         generator, gen_stats, dropped = train_generator(tokenizer, generator_part, args.budget_s, args.max_len, args.lr,
-                                                        args.schedule, args.init_from, save_to=OUT_DIR / "generator")
+                                                        args.schedule, args.init_from, save_to=out_dir / "generator")
         predictor, pred_stats = train_predictor(tokenizer, predictor_train, mean, std, args.predictor_budget_s,
                                                 args.max_len)
-        predictor.save_pretrained(OUT_DIR / "predictor")
-        tokenizer.save_pretrained(OUT_DIR / "predictor")
+        predictor.save_pretrained(out_dir / "predictor")
+        tokenizer.save_pretrained(out_dir / "predictor")
         results.update({"generator_dropped_longer_than_max_len": dropped, "generator_lr": args.lr,
                         "generator_schedule": args.schedule,
                         "generator_init_from": str(args.init_from) if args.init_from else None,
                         "generator_training": asdict(gen_stats), "predictor_training": asdict(pred_stats)})
+        if args.train_only:
+            return results
     predicted_val = predict(predictor, tokenizer, predictor_val.text.tolist(), args.max_len)[:, 0] * std + mean
     results["predictor_val_mae_ev_per_atom"] = round(
         float((predicted_val - torch.tensor(predictor_val.formation_energy_per_atom.to_numpy())).abs().mean()), 3
@@ -603,6 +608,9 @@ def main() -> None:
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--reuse", action="store_true", help="load the saved generator and predictor, only sample")
+    gen.add_argument("--out-dir", type=Path, default=OUT_DIR,
+                     help="folder for the encoding cache, the generator/ and predictor/ folders and the results")
+    gen.add_argument("--train-only", action="store_true", help="stop after training and saving the two models")
     gen.add_argument("--run-name", default="generate", help="name of the results JSON")
     gen.add_argument("--decode-time-limit-s", type=float, default=2.0, help="decoder time box per string")
     gen.add_argument("--ef-targets", type=float, nargs="+", default=[-0.5, -2.5], help="eV/atom")
@@ -619,8 +627,9 @@ def main() -> None:
     results["wall_s_total"] = round(time.perf_counter() - started, 1)
     results["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / f"{getattr(args, 'run_name', args.command)}.json"
+    out_dir = getattr(args, "out_dir", OUT_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{getattr(args, 'run_name', args.command)}.json"
     path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
     log(f"wrote {path}")

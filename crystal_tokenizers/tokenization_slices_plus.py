@@ -20,11 +20,13 @@ wherever crystal-lm is installed (CONVENTIONS.md, "Remote code").
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+import numpy as np
 from pymatgen.core import Structure
 
 from crystal_tokenizers.base import SPECIAL_TOKENS, CrystalTokenizerBase, decode_or_error, to_list
@@ -49,7 +51,14 @@ from crystal_tokenizers.slices.codec import (
     split_joined_labels,
     symmetry_operations,
 )
-from crystal_tokenizers.slices.embedding import EmbeddingParams, RETRY_VARIANTS, embed_checked
+from crystal_tokenizers.slices.coordination import (
+    COORDINATION_FILE,
+    DEFAULT_QUANTILE,
+    DEFAULT_VOLUME_QUANTILE,
+    CoordinationTable,
+    learn_coordination,
+)
+from crystal_tokenizers.slices.embedding import EmbeddingParams, RETRY_VARIANTS, embed_checked, min_separation
 from crystal_tokenizers.slices.graph import (
     DEFAULT_STRATEGY,
     CrystalGraph,
@@ -60,8 +69,11 @@ from crystal_tokenizers.slices.graph import (
     make_strategy,
     structure_to_graph,
 )
+from crystal_tokenizers.slices.symmetrize import closed_rotations, impose_point_group
 
 DEFAULT_MAX_NODES = 64
+MIN_IMPOSED_SEPARATION = 0.5
+"""Å: an imposed point group that brings two atoms closer than this is not kept (the decoder's own bound)."""
 DEFAULT_TOKENIZER_STRATEGY = DEFAULT_STRATEGY
 """Default neighbour strategy, chosen by round trips (SLICES-PLUS) of ``../shared/data/mp20_sample/train.csv``.
 
@@ -92,10 +104,12 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
     """
 
     model_input_names = ["input_ids", "attention_mask"]
+    vocab_files_names = {**CrystalTokenizerBase.vocab_files_names, "coordination_file": COORDINATION_FILE}
 
     def __init__(
         self,
         vocab_file: str | None = None,
+        coordination_file: str | None = None,
         symmetry: bool = True,
         strategy: str = DEFAULT_TOKENIZER_STRATEGY,
         max_nodes: int = DEFAULT_MAX_NODES,
@@ -121,6 +135,9 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
         self.decode_time_limit_s = decode_time_limit_s
         self.decode_attempts = decode_attempts
         self.decode_lenient = decode_lenient
+        self.coordination: CoordinationTable | None = (
+            CoordinationTable.load(coordination_file) if coordination_file else None
+        )
         super().__init__(
             bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, unk_token=unk_token,
             mask_token=mask_token, symmetry=symmetry, strategy=strategy, max_nodes=max_nodes,
@@ -128,6 +145,31 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
             decode_attempts=decode_attempts, decode_lenient=decode_lenient,
             **kwargs,
         )
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        """``vocab.json`` and, when the tokenizer has one, the coordination table (``slices_coordination.json``)."""
+        files = super().save_vocabulary(save_directory, filename_prefix)
+        if self.coordination is None:
+            return files
+        path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + COORDINATION_FILE)
+        self.coordination.save(path)
+        return (*files, path)
+
+    def fit_coordination(
+        self, texts: Sequence[str], quantile: float = DEFAULT_QUANTILE, pairs: bool = True,
+        volume_quantile: float | None = DEFAULT_VOLUME_QUANTILE,
+    ) -> CoordinationTable:
+        """Learn the coordination table (per-element degree limits, bonded element pairs, short-cycle volume
+        bound: ``slices.coordination.learn_coordination``) from real ``texts``, keep it on the tokenizer
+        (saved with it; used by ``grammar_processor``) and return it. Texts that do not parse are skipped."""
+        graphs = []
+        for text in texts:
+            try:
+                graphs.append(parse_record(text).graph)
+            except CrystalDecodeError:
+                continue
+        self.coordination = learn_coordination(graphs, quantile, pairs, volume_quantile)
+        return self.coordination
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return [piece for word in text.split() for piece in split_joined_labels(word)]
@@ -187,6 +229,33 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
         if record.repairs:
             structure.properties["slices_repairs"] = list(record.repairs)
         return structure
+
+    def string_to_structure_in_group(self, text: str, lenient: bool | None = None) -> Structure:
+        """``string_to_structure``, then the written point group imposed on the crystal (the ``"group"``
+        symmetry mode, ``slices.symmetrize``): symmetrised metric and positions.
+
+        The rotations written are closed into a group first. ``structure.properties["slices_group_imposed"]``
+        says whether the projection was kept: it is not when it brings two atoms closer than
+        ``MIN_IMPOSED_SEPARATION`` Å (the crystal as embedded is returned then).
+        """
+        record = self.string_to_record(text, lenient)
+        structure = self.string_to_structure(text, lenient)
+        group = closed_rotations(np.array([op.matrices()[0] for op in record.symops], dtype=int))
+        imposed = False
+        if group is not None and len(group) > 1:
+            candidate = impose_point_group(structure, group)
+            if min_separation(candidate.frac_coords, candidate.lattice.matrix) >= MIN_IMPOSED_SEPARATION:
+                structure, imposed = candidate, True
+        structure.properties["slices_group_imposed"] = imposed
+        return structure
+
+    def decode_structures_in_group(self, sequences: Any, lenient: bool | None = None) -> list[Structure | CrystalDecodeError]:
+        """``decode_structures`` through ``string_to_structure_in_group`` (the ``"group"`` symmetry mode)."""
+        if hasattr(sequences, "sequences"):
+            sequences = sequences.sequences
+        texts = [decode_or_error(lambda ids=ids: self.ids_to_text(ids)) for ids in to_list(sequences)]
+        return [text if not isinstance(text, str) else
+                decode_or_error(lambda t=text: self.string_to_structure_in_group(t, lenient)) for text in texts]
 
     def ids_to_text(self, input_ids: Sequence[int]) -> str:
         """Text of one id sequence: specials dropped, stops at the first ``<eos>`` after content."""

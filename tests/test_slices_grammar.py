@@ -306,3 +306,144 @@ def test_model_generate_with_padding_and_return_sequences(plus):
         record = plus.string_to_record(text)
         assert _graph_complete(record.graph) and record.symops[0].tokens() == tuple(IDENTITY)
         assert text.startswith(prompts[k // 4])
+
+
+# ------------------------------------------------------------------ coordination limits (issue 19)
+
+
+def _degrees_by_element(texts: list[str]) -> dict[str, int]:
+    """Largest bonds per node of each element, counted from the edge tokens (a loop counts twice)."""
+    largest: dict[str, int] = {}
+    for text in texts:
+        record = codec.parse_record(text)
+        count = [0] * record.graph.num_nodes
+        for i, j, *_ in record.graph.edges:
+            count[i] += 1
+            count[j] += 1
+        for species, degree in zip(record.graph.species, count):
+            largest[species] = max(largest.get(species, 0), degree)
+    return largest
+
+
+def test_coordination_table_is_learned_from_real_strings_and_saved(plus, encoded, tmp_path):
+    from transformers import AutoTokenizer
+
+    texts = encoded[True]
+    tokenizer = SlicesPlusTokenizer()
+    assert tokenizer.coordination is None
+    table = tokenizer.fit_coordination(texts, volume_quantile=0.0)
+    assert dict(table.max_degree) == _degrees_by_element(texts)
+    assert table.graphs == len(texts)
+    assert all(table.admits(codec.parse_record(t).graph) for t in texts)  # every training graph within it
+    bonded = {tuple(sorted((g.species[i], g.species[j]))) for g in (codec.parse_record(t).graph for t in texts)
+              for i, j, *_ in g.edges}
+    assert table.pairs == bonded
+    never = next((a, b) for a in table.max_degree for b in table.max_degree if tuple(sorted((a, b))) not in bonded)
+    assert not table.bonds(*never) and table.bonds(never[0], "Og")  # an element no graph holds bonds to anything
+    tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "slices_coordination.json").exists()
+    assert SlicesPlusTokenizer.from_pretrained(tmp_path).coordination == table
+    remote = AutoTokenizer.from_pretrained(tmp_path, trust_remote_code=True)
+    assert remote.coordination.to_dict() == table.to_dict()
+    assert SlicesPlusTokenizer.from_pretrained(_saved_plain(tmp_path / "plain")).coordination is None
+
+
+def _saved_plain(folder: Path) -> Path:
+    SlicesPlusTokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_grammar_with_the_learned_table_admits_every_training_string(plus, encoded):
+    from crystal_tokenizers.slices.coordination import graph_volume_bound, learn_coordination
+
+    texts = encoded[True][:60]
+    graphs = [codec.parse_record(t).graph for t in texts]
+    table = learn_coordination(graphs, volume_quantile=0.0)
+    assert _rejected(plus, texts, periodic=False, symmetry_check="group", coordination=table) == []
+    # at the default volume quantile exactly the strings whose short cycles bound the volume below it stop
+    strict = learn_coordination(graphs)
+    below = {row for row, g in enumerate(graphs) if graph_volume_bound(g) < strict.min_volume_bound}
+    stopped = {row for row, _, _ in _rejected(plus, texts, periodic=False, symmetry_check="group", coordination=strict)}
+    assert stopped and stopped <= below  # a string below may pass where the rule was dropped (no completion kept it)
+
+
+def test_volume_bound_of_short_cycles():
+    """One Na node with three unit loops: the cell vectors are at most one Na-Na bond long, so the volume
+    is at most that length cubed (Hadamard); a loop along (1, 1, 0) instead of (0, 1, 0) keeps det 1."""
+    from crystal_tokenizers.slices.coordination import bond_length, graph_volume_bound
+
+    r = bond_length("Na", "Na")
+    cubic = codec.parse_record("Na 0 0 + o o 0 0 o + o 0 0 o o +").graph
+    assert graph_volume_bound(cubic) == pytest.approx(r**3)
+    two_nodes = codec.parse_record("Na Cl 0 1 o o o 0 1 + o o 0 1 o + o 0 1 o o +").graph  # 2-cycles: 2 bonds each
+    assert graph_volume_bound(two_nodes) == pytest.approx((2 * bond_length("Na", "Cl")) ** 3 / 2)
+    layer = codec.parse_record("Na 0 0 + o o 0 0 o + o").graph
+    assert graph_volume_bound(layer) == math.inf
+
+
+def test_degree_limit_masks_exactly_the_saturated_node(plain):
+    from crystal_tokenizers.slices.coordination import CoordinationTable
+
+    table = CoordinationTable({"Na": 2, "Cl": 6})
+
+    def allowed(text: str, coordination) -> set[str]:
+        ids, _ = _framed(plain, [text], eos=False)
+        scores = plain.grammar_processor(coordination=coordination)(ids, torch.zeros(1, len(plain)))
+        return set(plain.convert_ids_to_tokens(torch.nonzero(torch.isfinite(scores[0])).flatten().tolist()))
+
+    prefix = "Na Cl 0 1 o o o 0 1 + o o"  # Na has its two bonds
+    assert allowed(prefix, None) == {"0", "1"}
+    assert allowed(prefix, table) == {"1"}  # only loops on Cl may follow
+    text = "Na Cl 0 1 o o o 0 1 + o o 1 1 o o + 1 1 o + o"  # Na 2 bonds, Cl 6 (two loops count twice)
+    assert _rejected(plain, [text], coordination=table) == []
+    assert _rejected(plain, [text], coordination=CoordinationTable({"Na": 2, "Cl": 5}))[0] == (0, 3, "0")  # 7 < 8 ends
+    # Na 3, Cl 5: after two Na-Cl bonds a loop on Cl leaves Cl one free bond, and one more edge needs two
+    assert _rejected(plain, [text], coordination=CoordinationTable({"Na": 3, "Cl": 5}))[0] == (0, 13, "1")
+
+
+def test_sampled_rows_never_exceed_the_degree_limit(plus):
+    from crystal_tokenizers.slices.coordination import CoordinationTable, node_degrees
+
+    limits = {"H": 1, "O": 2, "Na": 4, "Cl": 4}
+    table = CoordinationTable(dict.fromkeys(codec.ELEMENT_SYMBOLS, 4) | limits)
+
+    def over_limit(coordination) -> tuple[int, int, int]:
+        """Nodes, nodes above their limit, and complete graphs among 40 random-logit samples."""
+        texts = _random_logit_samples(plus, 40, 160, seed=5, max_nodes=6, coordination=coordination)
+        nodes, over, complete = 0, 0, 0
+        for text in texts:
+            graph = codec.parse_record(text).graph
+            complete += _graph_complete(graph)
+            nodes += graph.num_nodes
+            over += sum(d > table.limit(s) for d, s in zip(node_degrees(graph), graph.species))
+        return nodes, over, complete
+
+    nodes, over, complete = over_limit(table)
+    assert nodes >= 40 and over == 0
+    # the feasibility test is necessary, not sufficient: with these tight limits a few rows run out of
+    # partners in canonical order and are closed early
+    assert complete >= 30
+    assert over_limit(None)[1] > 0  # without the table the same sampling overshoots
+
+
+def test_sampled_rows_keep_the_volume_bound(plus, caplog):
+    """Every sampled graph keeps its short-cycle volume bound at or above the table's, except rows for which
+    the grammar dropped the rule (logged) because no completion kept it."""
+    import logging
+
+    from crystal_tokenizers.slices.coordination import CoordinationTable, graph_volume_bound
+
+    least = 5.0
+    table = CoordinationTable(dict.fromkeys(codec.ELEMENT_SYMBOLS, 12), min_volume_bound=least)
+
+    def bounds(coordination) -> list[float]:
+        texts = _random_logit_samples(plus, 30, 160, seed=7, max_nodes=6, coordination=coordination)
+        graphs = [codec.parse_record(t).graph for t in texts]
+        return [graph_volume_bound(g) for g in graphs if _graph_complete(g)]
+
+    with caplog.at_level(logging.INFO, logger="crystal_tokenizers.slices.grammar"):
+        kept = bounds(table)
+    dropped = sum("volume rule dropped" in r.getMessage() for r in caplog.records)
+    below = sum(b < least for b in kept)
+    assert len(kept) >= 25 and below <= dropped < len(kept)
+    assert sum(b < least for b in bounds(None)) > below  # without the rule more rows fall below

@@ -33,6 +33,8 @@ from crystal_tokenizers.wyckoff.orbits import CRYSTAL_SYSTEMS
 
 logger = logging.getLogger(__name__)
 
+SYMMETRY_MODES = ("graph", "group")
+"""MatterGPT symmetry modes of ``generate_graph_crystals``: graph-consistent operations, or a written group imposed."""
 CSP_MATCHER_SETTINGS = {"stol": 0.5, "angle_tol": 10.0, "ltol": 0.3}
 """StructureMatcher tolerances of the CSP protocol (DiffCSP, DiffCSP++, Uni-MDM)."""
 _T = TypeVar("_T")
@@ -149,6 +151,8 @@ def generate_graph_crystals(
     top_k: int | None = 50,
     batch_size: int = 64,
     grammar: bool = True,
+    symmetry_mode: str = "graph",
+    coordination: bool = True,
     progress: Progress | None = None,
 ) -> list[GeneratedCrystal]:
     """Sample ``n`` SLICES(-PLUS) crystals from a MatterGPT under the given conditions, in batches.
@@ -157,6 +161,11 @@ def generate_graph_crystals(
     units of the model's ``property_names`` (the others unconditioned). ``grammar`` adds
     ``tokenizer.grammar_processor`` (parsable strings with a connected 3-periodic graph and, for
     SLICES-PLUS, a point group of the graph's automorphisms). Sequences end at ``config.n_positions``.
+    ``symmetry_mode`` (SYMMETRY_MODES): ``"graph"`` (default) writes only rotations that act on the sampled
+    graph; ``"group"`` writes a closed point group of the requested ``crystal_system`` (any group when
+    unconditioned) and the decoder imposes it on the embedding (``slices.symmetrize``).
+    ``coordination``: keep every node within the tokenizer's per-element degree limits and bonded element
+    pairs (``tokenizer.coordination``, learned from training strings; nothing happens without one).
     """
     from training.conditions import condition_tensors
 
@@ -174,14 +183,18 @@ def generate_graph_crystals(
             values, mask = condition_tensors(model.config, properties, size)
             kwargs["properties"], kwargs["property_mask"] = values.to(model.device), mask.to(model.device)
         if grammar:
-            kwargs["logits_processor"] = [tokenizer.grammar_processor(max_length=max_length)]
+            kwargs["logits_processor"] = [tokenizer.grammar_processor(
+                max_length=max_length, symmetry_check=symmetry_mode,
+                crystal_system=crystal_system if symmetry_mode == "group" else None,
+                **({} if coordination else {"coordination": None}))]
         sequences = model.generate(
             torch.full((size, 1), tokenizer.bos_token_id, device=model.device),
             attention_mask=torch.ones(size, 1, dtype=torch.long, device=model.device),
             do_sample=True, temperature=temperature, top_k=top_k, max_length=max_length,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs,
         ).cpu()
-        for ids, decoded in zip(sequences.tolist(), tokenizer.decode_structures(sequences)):
+        decode = tokenizer.decode_structures if symmetry_mode == "graph" else tokenizer.decode_structures_in_group
+        for ids, decoded in zip(sequences.tolist(), decode(sequences)):
             try:
                 text = tokenizer.ids_to_text(ids)
             except CrystalDecodeError:
@@ -277,6 +290,7 @@ def predict_structures(
 
 __all__ = [
     "CSP_MATCHER_SETTINGS",
+    "SYMMETRY_MODES",
     "CSPResult",
     "GeneratedCrystal",
     "best_rms",

@@ -36,6 +36,15 @@ conditions (crystal system, properties) are model inputs, not tokens. The rules:
   automorphism of the written labelled graph (``embedding.graph_automorphism_rotations``; for a
   connected 3-periodic graph), so that the decoder can impose every written operation; ``"none"`` keeps
   only the per-operation rules;
+  ``crystal_system`` (with ``"group"``): the group must be one of that crystal system (``slices.systems``):
+  a rotation only if the group it generates still lies in a writable group of that system (a memoised
+  search), its size bound below by Lagrange in the budget, and ``<eos>`` only at such a closed group;
+- coordination (``coordination``, by default the tokenizer's ``CoordinationTable`` learned from training
+  strings; ``None`` switches it off): no node above its element's degree limit, no bond between elements
+  never bonded in training, and the short-cycle volume bound per atom (loops and two-bond cycles fix
+  lattice vectors at about a bond length) not below the table's; an edge is allowed only while enough free
+  bonds remain for the edges still needed (per component, a necessary condition). The volume rule is
+  dropped for a row it leaves without completion (logged);
 - ``max_length`` (the total length passed to ``generate``, prompt and padding included): a token is
   allowed only if the shortest completion after it, ``<eos>`` included, still fits, so every sequence
   closes in time when the budget allows any string at all; ``<pad>`` after ``<eos>``.
@@ -46,6 +55,7 @@ State is kept per sequence and advanced one token per step; a new prompt (or bat
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -56,9 +66,18 @@ import numpy as np
 
 from crystal_tokenizers.grammar import IncrementalGrammarProcessor
 from crystal_tokenizers.slices.codec import ELEMENT_SYMBOLS, OFFSET_LABELS, ROTATION_ROWS, TRANSLATION_CODES
-from crystal_tokenizers.slices.embedding import graph_automorphism_rotations
+from crystal_tokenizers.slices.automorphisms import graph_automorphism_rotations
+from crystal_tokenizers.slices.coordination import CoordinationTable, CycleBound, new_cycles
 from crystal_tokenizers.slices.graph import CrystalGraph, species_order_key
 from crystal_tokenizers.slices.rotations import rotation_algebra
+from crystal_tokenizers.slices.systems import (
+    CRYSTAL_SYSTEM_NAMES,
+    reachable_systems,
+    rotations_crystal_system,
+    smallest_supergroup_order,
+)
+
+logger = logging.getLogger(__name__)
 
 ORDERS = ("canonical", "published")
 """Edge orders: the tokenizer's sorted canonical form, or the looser order of the published files."""
@@ -156,6 +175,12 @@ class _Row:
     rotations: frozenset[int] = frozenset()  # numbers (``RotationAlgebra``) of the rotations written
     admissible: frozenset[int] | None = None  # rotations allowed at all (graph automorphisms), set lazily
     options: dict[int, int] | None = None  # rotation -> writable group's missing members, for ``rotations``
+    degree: list[int] = field(default_factory=list)  # bonds per node so far (a loop counts twice)
+    limits: list[int] = field(default_factory=list)  # most bonds per node (coordination table)
+    spare: tuple[tuple[int, int, int], dict[int, int], int] | None = None  # ((nodes, edges, i), spare per component, total)
+    cycles: CycleBound = CycleBound()  # loops and two-bond cycles and their volume bound (coordination)
+    pair_offsets: list[Offset] = field(default_factory=list)  # offsets of the current pair's edges so far
+    relaxed: bool = False  # the volume rule was dropped for this row (it left no completion)
 
     @property
     def components(self) -> int:
@@ -185,6 +210,9 @@ class _Row:
     def add_edge(self, i: int, j: int, v: Offset) -> None:
         self.uncovered.discard(i)
         self.uncovered.discard(j)
+        if self.degree:
+            self.degree[i] += 1
+            self.degree[j] += 1
         ci, cj = self.comp[i], self.comp[j]
         if ci == cj:
             w = _add(_sub(self.pot[i], self.pot[j]), v)
@@ -224,13 +252,22 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         duplicate_edges: bool = False,
         periodic: bool = True,
         symmetry_check: str = "graph",
+        crystal_system: str | None = None,
+        coordination: CoordinationTable | str | None = "tokenizer",
     ) -> None:
         super().__init__()
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if symmetry_check not in SYMMETRY_CHECKS:
             raise ValueError(f"symmetry_check must be one of {SYMMETRY_CHECKS}, got {symmetry_check!r}")
+        if crystal_system is not None and (crystal_system not in CRYSTAL_SYSTEM_NAMES or symmetry_check != "group"):
+            raise ValueError(f"crystal_system must be one of {CRYSTAL_SYSTEM_NAMES} with symmetry_check='group', "
+                             f"got {crystal_system!r} with {symmetry_check!r}")
         self.symmetry_check = symmetry_check
+        self.crystal_system = crystal_system
+        self.coordination: CoordinationTable | None = (
+            getattr(tokenizer, "coordination", None) if coordination == "tokenizer" else coordination  # type: ignore[assignment]
+        )
         self.algebra = rotation_algebra()
         vocab = tokenizer.get_vocab()
         self.symmetry = bool(getattr(tokenizer, "symmetry", True) if symmetry is None else symmetry)
@@ -263,6 +300,9 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         self._sorted_element_keys = [key for _, key in by_key]
         self._every_rotation = dict.fromkeys(range(len(self.algebra.triples)), 0)  # "none": nothing goes missing
         self._tail = (len(IDENTITY_TOKENS) if self.symmetry else 0) + 1  # identity group, <eos>
+        self._systems: dict[frozenset[int], str] = {}
+        self._volume_rule = self.coordination is not None and self.coordination.min_volume_bound is not None
+        self._extendable_memo: dict[frozenset[int], bool] = {}
 
     # ------------------------------------------------------------------ state
     def _new_row(self) -> _Row:
@@ -283,6 +323,9 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
             row.species_key = self._element_key[token_id]
             row.species.append(self._token_of[token_id])
             row.add_node()
+            if self.coordination is not None:
+                row.degree.append(0)
+                row.limits.append(self.coordination.limit(row.species[-1]))
             return
         if row.phase in (Phase.NODES, Phase.EDGES) and not row.partial and token_id in self._row_id_set:
             row.phase = Phase.SYMOPS
@@ -312,6 +355,12 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
                 if row.last is None or (i, j) != row.last[:2]:
                     row.used = set()
                 row.used.add(v)
+            if self._volume_rule:
+                same = row.pair_offsets if row.last is not None and row.last[:2] == (i, j) else []
+                fresh = new_cycles(row.species, i, j, v, same)
+                if fresh:
+                    row.cycles = row.cycles.extended(fresh)
+                row.pair_offsets = same + [v]
             row.add_edge(i, j, v)
             row.last = (i, j, v)
             row.partial = []
@@ -336,6 +385,22 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
     # ------------------------------------------------------------------ edge feasibility
     def _need_after(self, row: _Row, i: int, j: int, v: Offset, lowest_max: int) -> float:
         """Fewest edges still needed after adding ``(i, j, v)`` (``inf``: the graph can no longer be completed)."""
+        if self._volume_rule and not row.relaxed and not self._dense_enough(row, i, j, v):
+            return INF
+        return self._with_capacity(row, i, j, self._graph_need_after(row, i, j, v, lowest_max))
+
+    def _dense_enough(self, row: _Row, i: int, j: int, v: Offset) -> bool:
+        """Whether the short cycles closed by ``(i, j, v)`` keep the volume bound per atom at or above the
+        table's ``min_volume_bound`` (``coordination.volume_bound``)."""
+        same = row.pair_offsets if row.last is not None and row.last[:2] == (i, j) else []
+        fresh = new_cycles(row.species, i, j, v, same)
+        if not fresh:
+            return True
+        bound = row.cycles.extended(fresh).volume
+        return bound / row.num_nodes >= self.coordination.min_volume_bound  # type: ignore[union-attr]
+
+    def _graph_need_after(self, row: _Row, i: int, j: int, v: Offset, lowest_max: int) -> float:
+        """``_need_after`` without the coordination limits."""
         if not self.periodic:
             return self._cover_need(row, i, j)
         n = row.num_nodes
@@ -356,6 +421,10 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         else:
             used = row.used if row.last is not None and row.last[:2] == (i, i) else set()
             later = [u for u in _LOOP_OFFSETS if u != v and u not in used]
+        if self._volume_rule and not row.relaxed:  # each later loop must keep the volume bound after this edge
+            after = row.cycles.extended(new_cycles(row.species, i, i, v, []))
+            least = self.coordination.min_volume_bound * row.num_nodes  # type: ignore[union-attr]
+            later = [u for u in later if after.extended(new_cycles(row.species, i, i, u, [])).volume >= least]
         return 3 - len(basis) if _completes_rank(basis, later) else INF
 
     @staticmethod
@@ -396,12 +465,18 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         return j == last[1] or j not in row.closed
 
     def _pair_need(self, row: _Row, i: int, j: int, lowest_max: int) -> float:
-        """Fewest edges needed after an edge on the pair ``(i, j)`` (best offset)."""
+        """Fewest edges needed after an edge on the pair ``(i, j)`` (best offset), within the coordination limits."""
+        if not self._bondable(row, i, j):
+            return INF
+        return self._with_capacity(row, i, j, self._graph_pair_need(row, i, j, lowest_max))
+
+    def _graph_pair_need(self, row: _Row, i: int, j: int, lowest_max: int) -> float:
+        """``_pair_need`` before the coordination limits of the free-offset case."""
         last = row.last
         restricted = last is not None and (i, j) == last[:2]
         if not self.periodic:
             return self._cover_need(row, i, j) if not restricted or self._offsets(row, i, j) else INF
-        if restricted or i == row.num_nodes - 1:
+        if restricted or i == row.num_nodes - 1 or (i == j and self._volume_rule and not row.relaxed):
             return min((self._need_after(row, i, j, v, lowest_max) for v in self._offsets(row, i, j)), default=INF)
         # free offsets: a merge, or (rank < 3) some offset adds an independent cycle
         same = row.comp[i] == row.comp[j]
@@ -411,7 +486,26 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
             return INF
         return (components - 1) + (3 - row.rank - gain)
 
+    def _pairs_connect(self, row: _Row) -> bool:
+        """Whether the allowed element pairs can join the written nodes into one net at all (checked before
+        the first edge; a node whose element may bond to no other written node ends the string otherwise)."""
+        if self.coordination is None or self.coordination.pairs is None:
+            return True
+        species = sorted(set(row.species))
+        if len(species) == 1:
+            return self.coordination.bonds(species[0], species[0])
+        reached, frontier = {species[0]}, [species[0]]
+        while frontier:
+            a = frontier.pop()
+            for b in species:
+                if b not in reached and self.coordination.bonds(a, b):
+                    reached.add(b)
+                    frontier.append(b)
+        return len(reached) == len(species)
+
     def _i_needs(self, row: _Row) -> dict[int, float]:
+        if row.num_edges == 0 and not self._pairs_connect(row):
+            return {}
         lowest_max = row.lowest_max()
         start = row.last[0] if row.last is not None else 0
         if self.periodic:
@@ -429,6 +523,58 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
             needs[i] = best
         return needs
 
+    # ------------------------------------------------------------------ coordination limits
+    def _bondable(self, row: _Row, i: int, j: int) -> bool:
+        """Whether one more bond ``(i, j)`` keeps both nodes within their limits and joins an allowed pair."""
+        if self.coordination is None:
+            return True
+        if i == j:
+            return row.degree[i] + 2 <= row.limits[i]
+        return (row.degree[i] < row.limits[i] and row.degree[j] < row.limits[j]
+                and self.coordination.bonds(row.species[i], row.species[j]))
+
+    def _spare(self, row: _Row, i: int) -> tuple[dict[int, int], int]:
+        """Bonds still free per component, and in all, on nodes ``>= i`` (the only ends later edges can have)."""
+        key = (row.num_nodes, row.num_edges, i)
+        if row.spare is None or row.spare[0] != key:
+            per: dict[int, int] = dict.fromkeys(row.members, 0)
+            for k in range(i, row.num_nodes):
+                per[row.comp[k]] += row.limits[k] - row.degree[k]
+            row.spare = (key, per, sum(per.values()))
+        return row.spare[1], row.spare[2]
+
+    def _with_capacity(self, row: _Row, i: int, j: int, need: float) -> float:
+        """``need`` after the bond ``(i, j)``, or ``inf`` when the limits leave too few free bonds for it.
+
+        Every later edge ``(i', j')`` comes after ``(i, j)`` in canonical order, so it takes one free bond at
+        each end from nodes ``>= i``, and node ``i`` itself only bonds to nodes ``>= j``: its free bonds count
+        only while such a partner has one. With several components (``periodic``) each still needs a free
+        bond. A necessary condition from per-component sums (cheap), not a sufficient one.
+        """
+        if self.coordination is None or need == INF:
+            return need
+        if not self._bondable(row, i, j):
+            return INF
+        before, total = self._spare(row, i)
+        per = dict(before)
+        ci, cj = row.comp[i], row.comp[j]
+        per[ci] -= 1
+        per[cj] -= 1
+        left_i = row.limits[i] - row.degree[i] - (2 if i == j else 1)
+        partner = (i == j and left_i >= 2) or any(
+            row.limits[m] - row.degree[m] - (m == j) > 0 for m in range(max(j, i + 1), row.num_nodes))
+        unusable = 0 if partner else left_i
+        per[ci] -= unusable
+        if total - 2 - unusable < 2 * need:
+            return INF
+        if not self.periodic:  # components need not join
+            return need
+        if ci != cj:
+            per[ci] += per.pop(cj)
+        if len(per) == 1:
+            return need
+        return need if min(per.values()) >= 1 else INF
+
     # ------------------------------------------------------------------ allowed tokens
     def _budget(self, length: int) -> float:
         """Tokens that may follow the one chosen now."""
@@ -439,7 +585,19 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         return edges < INF and left + 5 * edges + self._tail <= budget
 
     def allowed_tokens(self, row: _Row, length: int) -> list[int]:
-        """Token ids that may come next for ``row`` at sequence length ``length``."""
+        """Token ids that may come next for ``row`` at sequence length ``length``.
+
+        The volume rule is a heuristic whose feasibility test does not look far ahead: where it leaves a
+        row no completion, it is dropped for that row (logged) rather than ending the string unfinished.
+        """
+        allowed = self._allowed_tokens(row, length)
+        if not allowed and self._volume_rule and not row.relaxed:
+            logger.info("volume rule dropped for a sequence in phase %s (no completion kept it)", row.phase.value)
+            row.relaxed, row.v_options = True, None
+            allowed = self._allowed_tokens(row, length)
+        return allowed
+
+    def _allowed_tokens(self, row: _Row, length: int) -> list[int]:
         budget = self._budget(length)
         if row.phase is Phase.DONE:
             return [self.pad_id]
@@ -498,9 +656,53 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
             and (5 - slot) + 6 * missing + 1 <= budget
         }
         allowed = [self.row_ids[letter] for letter in ROTATION_ROWS if letter in letters]
-        if slot == 0 and (self.symmetry_check == "none" or self.algebra.closure(row.rotations) == row.rotations):
+        if slot == 0 and (self.symmetry_check == "none" or self._may_end(row.rotations)):
             allowed.append(self.eos_id)
         return allowed
+
+    def _may_end(self, rotations: frozenset[int]) -> bool:
+        """Whether the written rotations are a closed group (of the requested crystal system, if any)."""
+        if self.algebra.closure(rotations) != rotations:
+            return False
+        return self.crystal_system is None or self._system(rotations) == self.crystal_system
+
+    def _extendable(self, group: frozenset[int]) -> bool:
+        """Whether the closed ``group`` is, or lies in, a writable group of the requested crystal system
+        (memoised depth-first search over the groups generated with one more rotation)."""
+        if self.crystal_system is None:
+            return True
+        if group not in self._extendable_memo:
+            system = self._system(group)
+            found = system == self.crystal_system
+            if not found and self.crystal_system in reachable_systems(system):
+                members = np.array(sorted(group), dtype=int)
+                product = self.algebra.product
+                fits = (product[:, members] >= 0).all(axis=1) & (product[members, :] >= 0).all(axis=0)
+                fits[members] = False
+                seen: set[frozenset[int]] = set()
+                for number in np.flatnonzero(fits).tolist():
+                    bigger = self.algebra.closure(group | {number})
+                    if bigger is None or bigger in seen:
+                        continue
+                    seen.add(bigger)
+                    if self._extendable(bigger):
+                        found = True
+                        break
+            self._extendable_memo[group] = found
+        return self._extendable_memo[group]
+
+    def _target_order(self, group: frozenset[int]) -> int:
+        """Rotations the finished group will have at least: its own order, or with a requested crystal
+        system the smallest order a group of that system containing it can have (Lagrange bound)."""
+        if self.crystal_system is None:
+            return len(group)
+        return smallest_supergroup_order(len(group), self._system(group), self.crystal_system)
+
+    def _system(self, group: frozenset[int]) -> str:
+        """Crystal system of a closed group of rotation numbers (memoised)."""
+        if group not in self._systems:
+            self._systems[group] = rotations_crystal_system(self.algebra.matrices[sorted(group)])
+        return self._systems[group]
 
     def _rotation_options(self, row: _Row) -> dict[int, int]:
         """Writable rotations after ``row.rotations``, each with the number of group members still missing
@@ -521,8 +723,8 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
         for number in candidates[pairwise].tolist():
             members = row.rotations | {number}
             group = self.algebra.closure(members)
-            if group is not None and group <= row.admissible:
-                row.options[number] = len(group) - len(members)
+            if group is not None and group <= row.admissible and self._extendable(group):
+                row.options[number] = self._target_order(group) - len(members)
         return row.options
 
     def _admissible_rotations(self, row: _Row) -> frozenset[int]:

@@ -36,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=50, help="MatterGPT: sample among the k likeliest tokens")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-grammar", action="store_true", help="sample without the grammar constraint")
+    parser.add_argument("--symmetry-mode", choices=("graph", "group"), default="graph",
+                        help="MatterGPT (SLICES-PLUS): 'graph' writes only operations that act on the sampled graph; "
+                             "'group' writes a closed point group of --crystal-system and the decoder imposes it")
+    parser.add_argument("--no-coordination", action="store_true",
+                        help="MatterGPT: ignore the tokenizer's per-element degree limits and bonded element pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="folder for the CIF files (sample_00000.cif, ...) and samples.csv")
     parser.add_argument("--json", action="store_true", help="print the counts as JSON on the last line")
@@ -81,7 +86,8 @@ def sampler(args: argparse.Namespace, model, tokenizer):
         return generate_graph_crystals(
             model, tokenizer, size, crystal_system=args.crystal_system, properties=properties,
             temperature=args.temperature, top_k=args.top_k, batch_size=args.batch_size,
-            grammar=not args.no_grammar, progress=progress,
+            grammar=not args.no_grammar, symmetry_mode=args.symmetry_mode,
+            coordination=not args.no_coordination, progress=progress,
         )
 
     return sample, describe_conditions(args.crystal_system, properties)
