@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._machine import machine_line  # noqa: E402
 from crystal_tokenizers.loading import load_tokenizer  # noqa: E402
 from crystal_tokenizers.slices.codec import parse_record  # noqa: E402
-from crystal_tokenizers.wyckoff.orbits import CRYSTAL_SYSTEMS, structure_crystal_system  # noqa: E402
+from crystal_tokenizers.crystal_systems import CRYSTAL_SYSTEMS, structure_crystal_system  # noqa: E402
 from modeling.modeling_mattergpt import MatterGPTForCausalLM  # noqa: E402
 from training.evaluate import is_compositionally_valid, is_structurally_valid  # noqa: E402
 from training.sampling import generate_graph_crystals  # noqa: E402

@@ -24,7 +24,7 @@ import torch
 from pymatgen.core import Structure
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from crystal_tokenizers.wyckoff.orbits import CRYSTAL_SYSTEMS
+from crystal_tokenizers.crystal_systems import CRYSTAL_SYSTEMS
 from training.evaluate import evaluate_structures
 from training.sampling import generate_crystals, predict_structures
 

@@ -22,7 +22,7 @@ from crystal_tokenizers.slices.grammar import SlicesGrammarLogitsProcessor
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
 from crystal_tokenizers.tokenization_wyckoff import WyckoffTokenizer
 from crystal_tokenizers.wyckoff.grammar import WyckoffGrammarLogitsProcessor
-from crystal_tokenizers.wyckoff.orbits import CRYSTAL_SYSTEMS, crystal_system, structure_crystal_system
+from crystal_tokenizers.crystal_systems import CRYSTAL_SYSTEMS, crystal_system, structure_crystal_system
 
 __all__ = [
     "CRYSTAL_SYSTEMS",

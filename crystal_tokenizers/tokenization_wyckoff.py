@@ -20,11 +20,8 @@ from transformers import BatchEncoding
 from crystal_tokenizers.base import SPECIAL_TOKENS, CrystalTokenizerBase, decode_or_error, to_list
 from crystal_tokenizers.errors import CrystalDecodeError, MalformedSequenceError
 from crystal_tokenizers.wyckoff import codec
-from crystal_tokenizers.wyckoff.orbits import (
-    CRYSTAL_SYSTEMS,
-    FREE_PARAMETER_NAMES,
-    load_orbit_table,
-)
+from crystal_tokenizers.crystal_systems import CRYSTAL_SYSTEMS
+from crystal_tokenizers.wyckoff.orbits import FREE_PARAMETER_NAMES, load_orbit_table
 
 STRUCTURAL_TOKENS = (codec.NUM, codec.SEP, codec.LAT, codec.ELEMENTS_MARK, codec.COMPOSITION_MARK)
 VALUE_LABELS = FREE_PARAMETER_NAMES + codec.LENGTH_NAMES + codec.ANGLE_NAMES

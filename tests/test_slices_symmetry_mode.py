@@ -16,9 +16,9 @@ from crystal_tokenizers.errors import CrystalDecodeError
 from crystal_tokenizers.slices import codec
 from crystal_tokenizers.slices.rotations import rotation_algebra
 from crystal_tokenizers.slices.symmetrize import closed_rotations, impose_point_group, symmetrized_metric
-from crystal_tokenizers.slices.systems import CRYSTAL_SYSTEM_NAMES, rotations_crystal_system
+from crystal_tokenizers.slices.systems import CRYSTAL_SYSTEMS, rotations_crystal_system
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer
-from crystal_tokenizers.wyckoff.orbits import structure_crystal_system
+from crystal_tokenizers.crystal_systems import structure_crystal_system
 from tests.conftest import SHARED_DATA, requires_shared
 from tests.test_slices_grammar import _rejected, _sample_operations
 
@@ -51,7 +51,7 @@ def test_crystal_system_of_rotation_sets_matches_spglib():
     assert rotations_crystal_system([np.eye(3, dtype=int), np.diag([-1, 1, -1])]) == "monoclinic"
 
 
-@pytest.mark.parametrize("system", CRYSTAL_SYSTEM_NAMES)
+@pytest.mark.parametrize("system", CRYSTAL_SYSTEMS)
 def test_group_mode_writes_only_closed_groups_of_the_requested_system(plus, system, caplog):
     """Random-logit symmetry parts after rocksalt's primitive graph (its cell admits all seven systems):
     every part the grammar closes is a closed group of ``system``, and they are not all one group. Random
@@ -81,9 +81,9 @@ def test_group_mode_admits_real_strings_of_their_own_system_only(plus, paper):
     grammar stops each of them (the end of a group of the wrong system is masked)."""
     for system, rows in paper.groupby("crystal_system"):
         texts = rows.slices_plus.tolist()
-        name = CRYSTAL_SYSTEM_NAMES[system]
+        name = CRYSTAL_SYSTEMS[system]
         assert _rejected(plus, texts, order="published", symmetry_check="group", crystal_system=name) == []
-        other = CRYSTAL_SYSTEM_NAMES[(system + 1) % 7]
+        other = CRYSTAL_SYSTEMS[(system + 1) % 7]
         stopped = {row for row, _, _ in _rejected(plus, texts, order="published", symmetry_check="group",
                                                   crystal_system=other)}
         assert stopped == set(range(len(texts)))
@@ -124,9 +124,9 @@ def test_imposed_group_restores_the_written_system_of_a_distorted_crystal(plus, 
         shifts *= 0.3 / np.linalg.norm(shifts, axis=1, keepdims=True)  # every atom moved by 0.3 Å
         lattice = Lattice(structure.lattice.matrix @ (np.eye(3) + rng.normal(0, 0.03, (3, 3))))
         structure = Structure(lattice, structure.species, structure.cart_coords + shifts, coords_are_cartesian=True)
-        distorted += structure_crystal_system(structure) != CRYSTAL_SYSTEM_NAMES[system]
+        distorted += structure_crystal_system(structure) != CRYSTAL_SYSTEMS[system]
         group = closed_rotations(np.array([op.matrices()[0] for op in record.symops]))
-        restored += structure_crystal_system(impose_point_group(structure, group)) == CRYSTAL_SYSTEM_NAMES[system]
+        restored += structure_crystal_system(impose_point_group(structure, group)) == CRYSTAL_SYSTEMS[system]
     assert distorted == 6 * PER_CLASS and restored == 6 * PER_CLASS
 
 
@@ -145,7 +145,7 @@ def test_group_mode_decoder_lands_in_the_written_system(plus, paper):
             except Exception:  # noqa: BLE001 - counted below
                 continue
         assert "slices_group_imposed" in structure.properties
-        hit = structure_crystal_system(structure) == CRYSTAL_SYSTEM_NAMES[system]
+        hit = structure_crystal_system(structure) == CRYSTAL_SYSTEMS[system]
         if system == 6:
             triclinic_hits += hit
         else:

@@ -20,11 +20,8 @@ from crystal_tokenizers.wyckoff.grammar import (
     min_atoms_to_place,
     parse_conditions,
 )
-from crystal_tokenizers.wyckoff.orbits import (
-    CRYSTAL_SYSTEMS,
-    crystal_system,
-    load_orbit_table,
-)
+from crystal_tokenizers.crystal_systems import CRYSTAL_SYSTEMS, crystal_system
+from crystal_tokenizers.wyckoff.orbits import load_orbit_table
 from modeling.configuration_wyckoff_gpt import WyckoffGPTConfig
 from modeling.modeling_wyckoff_gpt import WyckoffGPTForCausalLM
 from training.sampling import encode_prompts, generate_crystals

@@ -29,7 +29,7 @@ from crystal_tokenizers.wyckoff.grammar import (
     DEFAULT_MAX_ORBITS,
     MAX_ORBIT_TOKENS,
 )
-from crystal_tokenizers.wyckoff.orbits import CRYSTAL_SYSTEMS
+from crystal_tokenizers.crystal_systems import CRYSTAL_SYSTEMS
 
 logger = logging.getLogger(__name__)
 

@@ -71,7 +71,7 @@ from crystal_tokenizers.slices.coordination import CoordinationTable, CycleBound
 from crystal_tokenizers.slices.graph import CrystalGraph, species_order_key
 from crystal_tokenizers.slices.rotations import rotation_algebra
 from crystal_tokenizers.slices.systems import (
-    CRYSTAL_SYSTEM_NAMES,
+    CRYSTAL_SYSTEMS,
     reachable_systems,
     rotations_crystal_system,
     smallest_supergroup_order,
@@ -260,8 +260,8 @@ class SlicesGrammarLogitsProcessor(IncrementalGrammarProcessor):
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if symmetry_check not in SYMMETRY_CHECKS:
             raise ValueError(f"symmetry_check must be one of {SYMMETRY_CHECKS}, got {symmetry_check!r}")
-        if crystal_system is not None and (crystal_system not in CRYSTAL_SYSTEM_NAMES or symmetry_check != "group"):
-            raise ValueError(f"crystal_system must be one of {CRYSTAL_SYSTEM_NAMES} with symmetry_check='group', "
+        if crystal_system is not None and (crystal_system not in CRYSTAL_SYSTEMS or symmetry_check != "group"):
+            raise ValueError(f"crystal_system must be one of {CRYSTAL_SYSTEMS} with symmetry_check='group', "
                              f"got {crystal_system!r} with {symmetry_check!r}")
         self.symmetry_check = symmetry_check
         self.crystal_system = crystal_system

@@ -14,10 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from crystal_tokenizers.wyckoff.orbits import CRYSTAL_SYSTEMS
-
-CRYSTAL_SYSTEM_NAMES = CRYSTAL_SYSTEMS
-"""Crystal systems in the package-wide numbering (0 cubic … 6 triclinic)."""
+from crystal_tokenizers.crystal_systems import CRYSTAL_SYSTEMS
 
 _REACHABLE: dict[str, frozenset[str]] = {
     "cubic": frozenset({"cubic"}),
@@ -77,7 +74,7 @@ def rotations_crystal_system(rotations: Iterable[np.ndarray]) -> str:
 
 
 __all__ = [
-    "CRYSTAL_SYSTEM_NAMES",
+    "CRYSTAL_SYSTEMS",
     "POINT_GROUP_ORDERS",
     "reachable_systems",
     "rotations_crystal_system",

@@ -33,12 +33,11 @@ from crystal_tokenizers.errors import (
     SymmetryAnalysisError,
     UnsupportedElementError,
 )
+from crystal_tokenizers.crystal_systems import CRYSTAL_SYSTEMS, crystal_system
 from crystal_tokenizers.wyckoff.orbits import (
-    CRYSTAL_SYSTEMS,
     FREE_PARAMETER_NAMES,
     LATTICE_PARAMETERS,
     WyckoffPosition,
-    crystal_system,
     load_orbit_table,
     space_group_operations,
 )

@@ -44,13 +44,8 @@ from crystal_tokenizers.wyckoff.codec import (
     SEP,
     orbit_positions,
 )
-from crystal_tokenizers.wyckoff.orbits import (
-    CRYSTAL_SYSTEMS,
-    LATTICE_PARAMETERS,
-    WyckoffPosition,
-    crystal_system,
-    load_orbit_table,
-)
+from crystal_tokenizers.crystal_systems import CRYSTAL_SYSTEMS, crystal_system
+from crystal_tokenizers.wyckoff.orbits import LATTICE_PARAMETERS, WyckoffPosition, load_orbit_table
 
 logger = logging.getLogger(__name__)
 

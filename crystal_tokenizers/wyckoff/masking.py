@@ -25,7 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from crystal_tokenizers.wyckoff.codec import ELEMENTS, LAT, NUM
-from crystal_tokenizers.wyckoff.orbits import FREE_PARAMETER_NAMES, LATTICE_PARAMETERS, crystal_system
+from crystal_tokenizers.crystal_systems import crystal_system
+from crystal_tokenizers.wyckoff.orbits import FREE_PARAMETER_NAMES, LATTICE_PARAMETERS
 
 MASK = "<mask>"
 DEFAULT_MASK_FRACTION = 0.15
