@@ -4,7 +4,10 @@
 ``embedding`` (graph -> coordinates and cell: the retry control), built from ``placement`` (bond targets,
 barycentric placement, first cell), ``objective`` (the placement objective and its minimiser),
 ``automorphisms`` (which rotations act on the net, and how) and ``primitive`` (the primitive net of a
-centred cell). ``SlicesPlusTokenizer`` wraps them for HuggingFace.
+centred cell); ``coordination`` (per-element degree limits and bonded pairs learned from training strings,
+for the grammar), ``systems`` (the crystal system of a rotation group) and ``symmetrize`` (impose a written
+point group on a decoded crystal: the symmetry-honouring mode). ``SlicesPlusTokenizer`` wraps them for
+HuggingFace.
 """
 
 from crystal_tokenizers.slices.codec import SlicesRecord, SymOp, format_record, parse_record, symmetry_operations
