@@ -28,8 +28,6 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-if not SHARED.exists():
-    SHARED = Path("/work/shared/data")
 TRAIN_SOURCES = ("mp_20/train.csv", "mp20_sample/train.csv", "perov_5/val.csv", "carbon_24/val.csv",
                  "elastic_tensor_2015/train.csv")
 HELD_OUT = ("mp_20/val.csv", "mp20_sample/val.csv")

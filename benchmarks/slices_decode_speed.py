@@ -39,7 +39,7 @@ from crystal_tokenizers.slices.codec import parse_record  # noqa: E402
 from crystal_tokenizers.slices.graph import pymatgen_structure_to_graph  # noqa: E402
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer  # noqa: E402
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the checkout
 ROOT = Path(__file__).resolve().parent.parent
 Decoder = Callable[[str], Structure]
 

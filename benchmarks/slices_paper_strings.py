@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._machine import machine_line  # noqa: E402
 from crystal_tokenizers.errors import CrystalDecodeError  # noqa: E402
 from crystal_tokenizers.tokenization_slices_plus import SlicesPlusTokenizer  # noqa: E402
-from training.commands.decode import decode_texts, label_name  # noqa: E402
+from training.decoding import decode_texts, label_name  # noqa: E402
 
-DATA = Path("/work/shared/data/slices_plus_paper")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slices_plus_paper"
 PUBLISHED_CORRECT = {"cubic": 0.60, "hexagonal": 0.20, "trigonal": 0.36, "tetragonal": 0.32, "orthorhombic": 0.12}
 PUBLISHED_DECODED = 0.86
 
