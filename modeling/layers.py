@@ -222,17 +222,31 @@ class CrystalPreTrainedModel(PreTrainedModel):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
 
-    def cache_in_use(self, cache: Cache | None, use_cache: bool | None) -> Cache | None:
-        """The key/value cache a causal forward pass reads and fills: ``cache``, or a new ``DynamicCache``
-        when none is given; None when caching is off (``use_cache=False``, training by default, or gradient
-        checkpointing)."""
+    def cache_and_positions(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+        use_cache: bool | None,
+    ) -> tuple[Cache | None, torch.LongTensor]:
+        """The key/value cache a causal forward reads and fills, and the positions of ``input_ids``.
+
+        The cache is ``cache`` (a new ``DynamicCache`` when none is given), or None when caching is off
+        (``use_cache=False``, training by default, or gradient checkpointing). Positions default to the
+        count of real tokens before each one (left padding, after the cached ones) and must stay below
+        ``n_positions``.
+        """
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
-        if not use_cache:
-            return None
-        return cache if cache is not None else DynamicCache(config=self.config)
+        cache = (cache if cache is not None else DynamicCache(config=self.config)) if use_cache else None
+        if position_ids is None:
+            past_length = cache.get_seq_length() if cache is not None else 0
+            position_ids = default_position_ids(attention_mask, input_ids.shape[1], past_length).to(input_ids.device)
+        check_positions(position_ids, self.config.n_positions)
+        return cache, position_ids
 
     def residual_layers(self) -> int:
         """Blocks on one residual path (the depth that scales the residual projections' initial weights)."""

@@ -50,8 +50,6 @@ from .configuration_mattergpt import MatterGPTConfig
 from .layers import (
     CrystalPreTrainedModel,
     TransformerBlock,
-    check_positions,
-    default_position_ids,
     sequence_classification_loss,
 )
 
@@ -280,12 +278,8 @@ class MatterGPTModel(MatterGPTPreTrainedModel):
         output_hidden_states / output_attentions / return_dict: as in every transformers model (hidden states
             of both flows, the crystal-system flow first; attention weights need `attn_implementation="eager"`).
         """
-        cache = self.cache_in_use(cache, use_cache)
-        batch_size, length = input_ids.shape
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, length, past_length).to(input_ids.device)
-        check_positions(position_ids, self.config.n_positions)
+        cache, position_ids = self.cache_and_positions(input_ids, attention_mask, position_ids, cache, use_cache)
+        batch_size = input_ids.shape[0]
         hidden = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache)
         cs_embedding, prop_embedding = self.condition_embeddings(

@@ -50,7 +50,7 @@ from .generation import (
     mask_to_num_tokens,
     pad_values,
 )
-from .layers import CrystalPreTrainedModel, check_positions, default_position_ids
+from .layers import CrystalPreTrainedModel
 from .numeric import (
     add_value_embeddings,
     kind_lookup,
@@ -125,11 +125,7 @@ class WyckoffGPTModel(WyckoffGPTPreTrainedModel):
         output_hidden_states / output_attentions / return_dict: as in every transformers model (attention
             weights need `attn_implementation="eager"`).
         """
-        cache = self.cache_in_use(cache, use_cache)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, input_ids.shape[1], past_length).to(input_ids.device)
-        check_positions(position_ids, self.config.n_positions)
+        cache, position_ids = self.cache_and_positions(input_ids, attention_mask, position_ids, cache, use_cache)
         hidden = self.embed(input_ids, numeric_values)
         hidden = self.drop(hidden + self.wpe(position_ids).to(hidden.dtype))
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache)
