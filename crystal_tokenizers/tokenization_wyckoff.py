@@ -224,6 +224,20 @@ class WyckoffTokenizer(CrystalTokenizerBase):
             tokens.append(float(value) if token == codec.NUM else token)
         return tokens
 
+    def ids_to_text(self, input_ids: Sequence[int], numeric_values: Sequence[float] | None = None) -> str:
+        """Crystal text of one id sequence with its values (what ``string_to_structure`` reads): ``<bos>`` and
+        padding dropped, stops at the first ``<eos>`` after content."""
+        words: list[str | float] = []
+        skip = {self.bos_token, self.pad_token}
+        for token in self.ids_to_tokens_with_values(input_ids, numeric_values):
+            if token == self.eos_token:
+                if words:
+                    break
+                continue
+            if not (isinstance(token, str) and token in skip):
+                words.append(token)
+        return codec.tokens_to_text(words)
+
     def decode_structure(self, input_ids: Sequence[int], numeric_values: Sequence[float] | None = None) -> Structure:
         """Decode one id sequence (with its ``numeric_values``) to a ``Structure``."""
         tokens = self.ids_to_tokens_with_values(input_ids, numeric_values)

@@ -8,7 +8,7 @@ A saved WyckoffGPT / MatterGPT folder names :class:`CrystalTextGenerationPipelin
 
 The tokenizer comes from the pipeline machinery and is used through its public methods only (duck typing
 on ``crystal_tokenizers.protocol``): ``condition_prefix`` / ``prompt_inputs`` (conditions as prompt text,
-Wyckoff), ``ids_to_tokens_with_values`` (``<num>`` values, Wyckoff) or ``ids_to_text`` (SLICES),
+Wyckoff), ``ids_to_text`` (the crystal text, with the ``<num>`` values for Wyckoff),
 ``decode_structures`` and ``grammar_processor``. This module imports neither ``crystal_tokenizers`` nor
 pymatgen: a decoded ``Structure`` is the tokenizer's object, written as CIF by its own ``to`` method.
 """
@@ -35,7 +35,6 @@ TEXT_CONDITIONS = ("crystal_system", "space_group", "elements", "composition", "
 """Conditions a prompt tokenizer (Wyckoff) writes as prompt text (``tokenizer.condition_prefix``)."""
 TENSOR_CONDITIONS = ("crystal_system", "properties")
 """Conditions a MatterGPT takes as ``generate`` keyword arguments."""
-_SPECIAL_WORDS = ("bos_token", "eos_token", "pad_token")
 
 
 class CrystalPipelineError(ValueError):
@@ -61,19 +60,12 @@ def _crystal_answer(decoded: Any) -> dict[str, Any]:
     return {"structure": decoded, "cif": decoded.to(fmt="cif"), "error": None}
 
 
-def _numeric_text(tokenizer: Any, input_ids: Sequence[int], numeric_values: Sequence[float]) -> str:
-    """Token text of a Wyckoff sequence with every ``<num>`` written as its value (specials dropped)."""
-    specials = {getattr(tokenizer, name) for name in _SPECIAL_WORDS}
-    words = [token if isinstance(token, str) else f"{token:.6f}"
-             for token in tokenizer.ids_to_tokens_with_values(input_ids, numeric_values)
-             if not (isinstance(token, str) and token in specials)]
-    return " ".join(words)
-
-
-def _graph_text(tokenizer: Any, input_ids: Sequence[int]) -> str | None:
-    """SLICES text of one sequence, or ``None`` when it holds a special token mid-string."""
+def _sequence_text(tokenizer: Any, input_ids: Sequence[int], numeric_values: Sequence[float] | None) -> str | None:
+    """The tokenizer's crystal text of one sequence (with its values), or ``None`` when it has none."""
     try:
-        return tokenizer.ids_to_text(input_ids)
+        if numeric_values is None:
+            return tokenizer.ids_to_text(input_ids)
+        return tokenizer.ids_to_text(input_ids, numeric_values)
     except ValueError as err:  # the tokenizer's MalformedSequenceError
         logger.debug("no text for a generated sequence: %s", err)
         return None
@@ -197,10 +189,11 @@ class CrystalTextGenerationPipeline(Pipeline):
         if values is not None:
             values = values[0]
             decoded = self.tokenizer.decode_structures(sequences, values)
-            texts = [_numeric_text(self.tokenizer, ids, vals) for ids, vals in zip(sequences.tolist(), values.tolist())]
+            rows = zip(sequences.tolist(), values.tolist())
         else:
             decoded = self.tokenizer.decode_structures(sequences)
-            texts = [_graph_text(self.tokenizer, ids) for ids in sequences.tolist()]
+            rows = ((ids, None) for ids in sequences.tolist())
+        texts = [_sequence_text(self.tokenizer, ids, vals) for ids, vals in rows]
         return [{"generated_text": text, **_crystal_answer(item)} for text, item in zip(texts, decoded)]
 
 
@@ -241,7 +234,7 @@ class CrystalFillMaskPipeline(FillMaskPipeline):
                 keep = filled != self.tokenizer.pad_token_id
                 ids, vals = filled[keep].tolist(), [v for v, k in zip(values, keep.tolist()) if k]
                 row.append({"score": score, "token": token, "token_str": self.tokenizer.convert_ids_to_tokens(token),
-                            "sequence": _numeric_text(self.tokenizer, ids, vals),
+                            "sequence": _sequence_text(self.tokenizer, ids, vals),
                             **_crystal_answer(self.tokenizer.decode_structures([ids], [vals])[0])})
             result.append(row)
         return result[0] if len(result) == 1 else result

@@ -103,3 +103,14 @@ def test_round_trip_compares_elements_not_oxidation_states() -> None:
     report = round_trip(WyckoffTokenizer(), [nacl], ids=["nacl-ox"])
     assert (report.decoded, report.matched) == (1, 1)
     assert str(nacl.species[0]) == "Na+"  # the caller's structure is left as it was
+
+
+def test_ids_to_text_with_values_reads_back_to_the_crystal() -> None:
+    tokenizer = WyckoffTokenizer()
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.69), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    text = tokenizer.structure_to_string(nacl)
+    batch = tokenizer([text])
+    ids, values = batch["input_ids"][0], batch["numeric_values"][0]
+    padded_ids = [*ids, tokenizer.pad_token_id]
+    assert tokenizer.ids_to_text(padded_ids, [*values, math.nan]) == text
+    assert default_matcher().fit(nacl, tokenizer.string_to_structure(tokenizer.ids_to_text(ids, values)))

@@ -216,21 +216,14 @@ def _complete(
             logger.debug("%s: candidate %s does not decode: %s", name, chosen, err)
             failed += 1
             continue
-        tokens = tokenizer.ids_to_tokens_with_values(filled, values)
         completions.append(Completion(
-            structure=structure, text=_tokens_text(tokens), probability=math.exp(score),
+            structure=structure, text=tokenizer.ids_to_text(filled, values), probability=math.exp(score),
             species=tuple(tokenizer.convert_ids_to_tokens(list(chosen))),
         ))
     return InpaintResult(
         name=name, masked_orbits=request.masked_orbits, original_species=original_species,
         completions=tuple(completions), failed_completions=failed,
     )
-
-
-def _tokens_text(tokens: Sequence[str | float]) -> str:
-    """Token text without specials; values as decimal literals."""
-    words = [t if isinstance(t, str) else f"{t:.6f}" for t in tokens if t not in ("<bos>", "<eos>", "<pad>")]
-    return " ".join(words)
 
 
 # --------------------------------------------------------------------------------------------------
