@@ -1,11 +1,8 @@
-"""The crystal system of a finite group of integer rotations, in any basis (no standard setting needed).
+"""The crystal system of a point group of integer rotations, in any basis (no standard setting needed).
 
-Every rotation ``R`` (fractional basis) has a proper part ``P = det(R) R`` whose order follows from its
-trace (3: identity, -1: two-fold, 0: three-fold, 1: four-fold, 2: six-fold). A point group is cubic if it
-has eight three-fold proper parts (four axes), else hexagonal with a six-fold one, trigonal with a
-three-fold one, tetragonal with a four-fold one, orthorhombic with three distinct two-fold ones,
-monoclinic with one, triclinic otherwise (International Tables A, Table 10.1.2.2: the crystal system is
-fixed by the symmetry directions of the point group).
+spglib identifies the point group of a rotation set (``spglib.get_pointgroup``, any lattice basis); its
+number (1–32, International Tables order) fixes the crystal system. Also the group-subgroup reach between
+systems and the point-group orders that bound a group the grammar may still grow.
 """
 
 from __future__ import annotations
@@ -13,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+import spglib
 
 from crystal_tokenizers.crystal_systems import CRYSTAL_SYSTEMS
 
@@ -50,27 +48,21 @@ def reachable_systems(system: str) -> frozenset[str]:
     return _REACHABLE[system]
 
 
+_LAST_POINT_GROUP: tuple[tuple[int, str], ...] = (
+    (2, "triclinic"), (5, "monoclinic"), (8, "orthorhombic"), (15, "tetragonal"), (20, "trigonal"),
+    (27, "hexagonal"), (32, "cubic"),
+)
+"""The last point-group number (International Tables order 1–32) of each crystal system."""
+
+
 def rotations_crystal_system(rotations: Iterable[np.ndarray]) -> str:
-    """Crystal system of the point group formed by ``rotations`` (3x3 integer matrices, any basis)."""
-    proper: dict[int, set[bytes]] = {2: set(), 3: set(), 4: set(), 6: set()}
-    order_of_trace = {-1: 2, 0: 3, 1: 4, 2: 6}
-    for rotation in rotations:
-        matrix = np.asarray(rotation, dtype=int)
-        part = int(round(np.linalg.det(matrix))) * matrix
-        order = order_of_trace.get(int(np.trace(part)))
-        if order is not None:
-            proper[order].add(part.tobytes())
-    if len(proper[3]) >= 8:
-        return "cubic"
-    if proper[6]:
-        return "hexagonal"
-    if proper[3]:
-        return "trigonal"
-    if proper[4]:
-        return "tetragonal"
-    if len(proper[2]) >= 3:
-        return "orthorhombic"
-    return "monoclinic" if proper[2] else "triclinic"
+    """Crystal system of the point group ``rotations`` (3x3 integer matrices, any lattice basis), by spglib."""
+    matrices = np.array([np.asarray(rotation, dtype=np.intc) for rotation in rotations], dtype=np.intc)
+    found = spglib.get_pointgroup(matrices)
+    if found is None:
+        raise ValueError(f"{len(matrices)} rotations do not form a point group spglib knows")
+    number = int(found[1])
+    return next(name for last, name in _LAST_POINT_GROUP if number <= last)
 
 
 __all__ = [
