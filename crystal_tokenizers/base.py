@@ -95,6 +95,14 @@ class CrystalTokenizerBase(PreTrainedTokenizer):
             json.dump(self._id_to_token, handle, indent=0)
         return (path,)
 
+    def fit_training_statistics(self, texts: Sequence[str]) -> Any:
+        """Learn what this tokenizer keeps of its training data from the training ``texts`` (saved with it).
+
+        ``crystal-lm train`` calls it on the train split before training. The base tokenizer keeps
+        nothing; Wyckoff keeps element co-occurrence counts, SLICES-PLUS its coordination table.
+        """
+        return None
+
     # ------------------------------------------------------------------ batch APIs
     def structures_to_strings(self, structures: Iterable[Structure], **kwargs: Any) -> list[str | CrystalEncodeError]:
         """Batch ``structure_to_string``: one string or ``CrystalEncodeError`` per structure."""

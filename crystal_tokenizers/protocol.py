@@ -55,3 +55,12 @@ class PromptCrystalTokenizer(CrystalTokenizer, Protocol):
     def condition_prefix(self, **conditions: Any) -> str:
         """The prompt text (condition tokens and ``<sep>``) for ``conditions``."""
         ...
+
+
+@runtime_checkable
+class StatisticsTokenizer(Protocol):
+    """A tokenizer that keeps statistics of its training data (``crystal-lm train`` fits them first)."""
+
+    def fit_training_statistics(self, texts: Any) -> Any:
+        """Learn the statistics from the training texts (a list of str); saved with the tokenizer."""
+        ...

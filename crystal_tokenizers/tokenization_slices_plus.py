@@ -171,6 +171,10 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
         self.coordination = learn_coordination(graphs, quantile, pairs, volume_quantile)
         return self.coordination
 
+    def fit_training_statistics(self, texts: Sequence[str]) -> CoordinationTable:
+        """The coordination table of the training ``texts`` at the default quantiles (:meth:`fit_coordination`)."""
+        return self.fit_coordination(texts)
+
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return [piece for word in text.split() for piece in split_joined_labels(word)]
 

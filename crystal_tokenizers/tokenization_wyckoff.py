@@ -12,6 +12,7 @@ crystal-lm is installed (CONVENTIONS.md, "Remote code").
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Sequence
 
 from pymatgen.core import Structure
@@ -22,6 +23,7 @@ from crystal_tokenizers.errors import CrystalDecodeError, MalformedSequenceError
 from crystal_tokenizers.wyckoff import codec
 from crystal_tokenizers.crystal_systems import CRYSTAL_SYSTEMS
 from crystal_tokenizers.wyckoff.orbits import FREE_PARAMETER_NAMES, load_orbit_table
+from crystal_tokenizers.wyckoff.statistics import ELEMENT_STATISTICS_FILE, ElementStatistics
 
 STRUCTURAL_TOKENS = (codec.NUM, codec.SEP, codec.LAT, codec.ELEMENTS_MARK, codec.COMPOSITION_MARK)
 VALUE_LABELS = FREE_PARAMETER_NAMES + codec.LENGTH_NAMES + codec.ANGLE_NAMES
@@ -50,10 +52,12 @@ class WyckoffTokenizer(CrystalTokenizerBase):
     """
 
     model_input_names = ["input_ids", "attention_mask", "numeric_values"]
+    vocab_files_names = {**CrystalTokenizerBase.vocab_files_names, "element_statistics_file": ELEMENT_STATISTICS_FILE}
 
     def __init__(
         self,
         vocab_file: str | None = None,
+        element_statistics_file: str | None = None,
         property_names: Sequence[str] = codec.DEFAULT_PROPERTY_NAMES,
         symprec: float = codec.DEFAULT_SYMPREC,
         angle_tolerance: float = -1.0,
@@ -68,6 +72,9 @@ class WyckoffTokenizer(CrystalTokenizerBase):
         self.property_names = tuple(property_names)
         self.symprec = symprec
         self.angle_tolerance = angle_tolerance
+        self.element_statistics: ElementStatistics | None = (
+            ElementStatistics.load(element_statistics_file) if element_statistics_file else None
+        )
         super().__init__(
             bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, unk_token=unk_token,
             mask_token=mask_token, property_names=list(property_names), symprec=symprec,
@@ -88,7 +95,24 @@ class WyckoffTokenizer(CrystalTokenizerBase):
         extended = type(self)(property_names=[*self.property_names, *names], symprec=self.symprec,
                               angle_tolerance=self.angle_tolerance)
         extended._set_vocabulary(tokens)
+        extended.element_statistics = self.element_statistics
         return extended
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        """``vocab.json`` and, when the tokenizer has them, the element statistics (``element_statistics.json``)."""
+        files = super().save_vocabulary(save_directory, filename_prefix)
+        if self.element_statistics is None:
+            return files
+        path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + ELEMENT_STATISTICS_FILE)
+        self.element_statistics.save(path)
+        return (*files, path)
+
+    def fit_training_statistics(self, texts: Sequence[str]) -> ElementStatistics:
+        """Count which elements the training ``texts`` hold and which occur together
+        (:class:`~crystal_tokenizers.wyckoff.statistics.ElementStatistics`), keep them on the tokenizer (saved
+        with it; the inpainting ranker's co-occurrence prior reads them) and return them."""
+        self.element_statistics = ElementStatistics.from_token_lists(self._tokenize(text) for text in texts)
+        return self.element_statistics
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return [codec.NUM if codec.is_number_literal(word) else word for word in text.split()]

@@ -231,3 +231,38 @@ def test_inpaint_chemistry_option_and_fill_mask_rerank(tokenizer):
     assert flags == sorted(flags, reverse=True), "charge-neutral completions come first"
     assert all(len(set(r["species"])) == 1 for r in chemistry_fill_mask(text, answers, top_k=4, tied=True))
     assert all(r["sequence"].count("<mask>") == 0 for r in ranked)
+
+
+def test_element_statistics_count_crystals_and_survive_a_save(token_lists, tmp_path):
+    from crystal_tokenizers.wyckoff.statistics import ElementStatistics
+
+    stats = ElementStatistics.from_token_lists(token_lists)
+    assert stats.crystals == len(token_lists)
+    oxides = sum("O" in tokens for tokens in token_lists)
+    assert stats.frequency["O"] == oxides and stats.pairs[("O", "Li")] == stats.pairs[("Li", "O")]
+    path = tmp_path / "stats.json"
+    stats.save(str(path))
+    assert ElementStatistics.load(str(path)) == stats
+    path.write_text('{"crystals": 3, "frequency": {"O": 2}, "pairs": {"O": 1}}')
+    with pytest.raises(ValueError, match="stats.json: malformed element statistics"):
+        ElementStatistics.load(str(path))
+
+
+def test_the_cooccurrence_prior_decides_between_equally_probable_elements(token_lists):
+    # an even model: the prior alone picks the masked element, and picks what co-occurs with the rest
+    from crystal_tokenizers.wyckoff.statistics import ElementStatistics
+
+    stats = ElementStatistics.from_token_lists(token_lists)
+    context = _masked(token_lists[0], [0], tied=True)
+    elements = ["O", "S", "F", "N", "Cl", "Se"]
+    flat = np.zeros((len(context.masked_positions), len(elements)))
+    with_prior = ranker_for_mode("soft", stats, prior_weight=5.0)(context, flat, elements, len(elements))
+    expected = cooccurrence_baseline(stats.frequency, stats.pairs)(context, flat, elements, 1)[0][1]
+    if expected[0] in elements:
+        assert with_prior[0][1] == expected or not is_charge_neutral(completed_counts(context, expected))
+    scores = [score for score, _ in with_prior]
+    assert len(set(np.round(scores, 6))) > 1, "the prior must separate elements the model cannot"
+    assert ranker_for_mode("soft", stats, prior_weight=0.0)(context, flat, elements, 1) == \
+        ranker_for_mode("soft")(context, flat, elements, 1)
+    with pytest.raises(ValueError, match="prior_weight must be >= 0"):
+        ranker_for_mode("soft", stats, prior_weight=-1.0)

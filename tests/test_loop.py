@@ -120,6 +120,9 @@ def test_training_lowers_the_loss_and_leaves_complete_checkpoints(dataset_dir: P
     assert [c.name for c in checkpoints] == ["step_00000009", "step_00000012"]
     assert all({p.name for p in c.iterdir()} == CHECKPOINT_FILES for c in checkpoints)
     assert (tmp_path / "run" / "final" / "tokenizer_config.json").exists()
+    # the tokenizer learnt the train split's element statistics before training and saved them
+    saved = WyckoffTokenizer.from_pretrained(tmp_path / "run" / "final")
+    assert saved.element_statistics is not None and saved.element_statistics.crystals == 48
     again = train(tiny_config(dataset_dir, tmp_path / "run", max_steps=12), resume=True)
     assert again.steps == 12  # nothing left to do: resuming a finished run changes nothing
     assert torch.equal(final_weights(tmp_path / "run")["transformer.wte.weight"], result.model.transformer.wte.weight)
@@ -245,6 +248,10 @@ def test_mattergpt_trains_with_crystal_system_and_property_inputs(tmp_path: Path
     saved = result.model.config
     assert list(saved.property_names) == ["formation_energy_per_atom", "band_gap"]
     assert saved.property_means[0] < 0 < saved.property_stds[0]  # MP-20 formation energies are mostly negative
+    from crystal_tokenizers import SlicesPlusTokenizer
+
+    table = SlicesPlusTokenizer.from_pretrained(tmp_path / "run" / "final").coordination
+    assert table is not None and table.max_degree, "the coordination table of the train split is saved with the run"
 
 
 def test_a_fresh_run_refuses_a_folder_with_checkpoints(dataset_dir: Path, tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ import numpy as np
 from pymatgen.core import Composition
 
 from crystal_tokenizers.wyckoff.masking import element_positions
+from crystal_tokenizers.wyckoff.statistics import ElementStatistics
 
 DEFAULT_POOL = 8
 """Most probable elements per masked orbit that the chemistry-aware ranker considers."""
@@ -149,6 +150,11 @@ DEFAULT_PENALTY = ChemistryPenalty(unbalanced=8.0, other=0.5)
 ``benchmarks/inpainting_calibrate.py``): mean top-1 .2146 against .2041 strict and .2095 unpenalised."""
 
 
+DEFAULT_PRIOR_WEIGHT = 0.25
+"""Weight of the co-occurrence log-prior (training element statistics saved with the tokenizer) in the
+chemistry modes; chosen on the calibration split (``benchmarks/inpainting_calibrate.py``)."""
+
+
 def _beam(log_probs: np.ndarray, width: int, allowed: np.ndarray | None = None) -> list[tuple[float, tuple[int, ...]]]:
     """The ``width`` most probable index assignments of independent orbits (exact for a product)."""
     beam: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
@@ -230,13 +236,22 @@ def model_ranker(context: MaskContext, log_probs: np.ndarray, elements: Sequence
     return model_pool(context, log_probs, elements, top_k, exclude_present=False)
 
 
-def ranker_for_mode(mode: str) -> Ranker:
-    """The ranker of a :data:`CHEMISTRY_MODES` name: ``none`` (plain model), ``soft`` or ``strict`` chemistry."""
+def ranker_for_mode(mode: str, statistics: ElementStatistics | None = None,
+                    prior_weight: float = DEFAULT_PRIOR_WEIGHT) -> Ranker:
+    """The ranker of a :data:`CHEMISTRY_MODES` name: ``none`` (plain model), ``soft`` or ``strict`` chemistry.
+
+    With training ``statistics`` (a tokenizer's ``element_statistics``) and ``prior_weight`` > 0, the
+    chemistry modes add ``prior_weight`` × the co-occurrence log-prior to the model's log-probabilities.
+    """
     if mode not in CHEMISTRY_MODES:
         raise ValueError(f"chemistry mode {mode!r} is not one of {CHEMISTRY_MODES}")
+    if prior_weight < 0:
+        raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
     if mode == "none":
         return model_ranker
-    return chemistry_ranker(penalty=DEFAULT_PENALTY if mode == "soft" else STRICT_PENALTY)
+    prior = cooccurrence_log_prior(statistics.frequency, statistics.pairs) if statistics and prior_weight else None
+    return chemistry_ranker(prior=prior, prior_weight=prior_weight,
+                            penalty=DEFAULT_PENALTY if mode == "soft" else STRICT_PENALTY)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,20 +260,9 @@ def ranker_for_mode(mode: str) -> Ranker:
 
 
 def element_statistics(token_lists: Iterable[Sequence[str]]) -> tuple[Counter, Counter]:
-    """Crystals containing each element, and crystals containing each (ordered) pair of elements.
-
-    The pair (e, e) counts the crystals where e occupies two or more orbits, so that a masked orbit can
-    take an element already present elsewhere in the crystal.
-    """
-    frequency: Counter = Counter()
-    pairs: Counter = Counter()
-    for tokens in token_lists:
-        orbit_elements = Counter(tokens[i] for i in element_positions(tokens))
-        present = sorted(orbit_elements)
-        frequency.update(present)
-        pairs.update((a, b) for a, b in itertools.permutations(present, 2))
-        pairs.update((e, e) for e, n in orbit_elements.items() if n >= 2)
-    return frequency, pairs
+    """Crystals containing each element, and each (ordered) pair of elements (:class:`ElementStatistics`)."""
+    statistics = ElementStatistics.from_token_lists(token_lists)
+    return statistics.frequency, statistics.pairs
 
 
 def _fill(context: MaskContext, order: Sequence[str]) -> tuple[str, ...]:
@@ -339,6 +343,7 @@ __all__ = [
     "DEFAULT_MODE",
     "DEFAULT_PENALTY",
     "DEFAULT_POOL",
+    "DEFAULT_PRIOR_WEIGHT",
     "STRICT_PENALTY",
     "ChemistryPenalty",
     "MaskContext",

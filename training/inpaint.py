@@ -34,7 +34,7 @@ from pymatgen.core import Structure
 
 from crystal_tokenizers.errors import CrystalDecodeError, CrystalEncodeError
 from crystal_tokenizers.wyckoff.masking import corrupt, element_positions, orbits_of_species, random_orbits
-from training.chemistry import DEFAULT_MODE, MaskContext, Ranker, ranker_for_mode
+from training.chemistry import DEFAULT_MODE, DEFAULT_PRIOR_WEIGHT, MaskContext, Ranker, ranker_for_mode
 
 logger = logging.getLogger(__name__)
 
@@ -150,14 +150,17 @@ def inpaint_requests(
     batch_size: int = DEFAULT_BATCH_SIZE,
     names: Sequence[str] | None = None,
     chemistry: str = DEFAULT_MODE,
+    prior_weight: float = DEFAULT_PRIOR_WEIGHT,
     ranker: Ranker | None = None,
 ) -> list[InpaintResult]:
     """Complete every request (batched forward passes); one :class:`InpaintResult` per request.
 
-    ``chemistry`` (``none``/``soft``/``strict``) re-scores the model's candidates with SMACT; ``ranker``
-    replaces the ranking altogether (see :mod:`training.chemistry`; the baselines of the benchmark use it).
+    ``chemistry`` (``none``/``soft``/``strict``) re-scores the model's candidates with SMACT, and in the
+    chemistry modes ``prior_weight`` × the co-occurrence log-prior of the tokenizer's training element
+    statistics (when it has them) joins the model's log-probabilities; ``ranker`` replaces the ranking
+    altogether (see :mod:`training.chemistry`; the baselines of the benchmark use it).
     """
-    ranker = ranker or ranker_for_mode(chemistry)
+    ranker = ranker or ranker_for_mode(chemistry, getattr(tokenizer, "element_statistics", None), prior_weight)
     if top_k < 1:
         raise InpaintError(f"top_k must be >= 1, got {top_k}")
     rng = np.random.default_rng(seed)
@@ -276,12 +279,15 @@ def inpaint(
     seed: int = 0,
     names: Sequence[str] | None = None,
     chemistry: str = DEFAULT_MODE,
+    prior_weight: float = DEFAULT_PRIOR_WEIGHT,
 ) -> list[InpaintResult]:
     """Top-k completions of each structure after masking (exactly one mask option) and optional noise σ̃.
 
     ``chemistry``: ``soft`` (model log-probability minus SMACT penalties), ``strict`` (SMACT-valid
-    first) or ``none`` (the plain model); see :mod:`training.chemistry`. A structure that cannot be
-    encoded, or lacks the element to mask, gets a result with ``error`` set.
+    first) or ``none`` (the plain model); see :mod:`training.chemistry`. ``prior_weight``: weight of the
+    co-occurrence prior from the tokenizer's training element statistics in the chemistry modes (0: off;
+    a tokenizer without statistics has none). A structure that cannot be encoded, or lacks the element
+    to mask, gets a result with ``error`` set.
     """
     rng = np.random.default_rng(seed)
     names = list(names) if names is not None else [f"{i}_{s.composition.reduced_formula}" for i, s in enumerate(structures)]
@@ -298,7 +304,7 @@ def inpaint(
             results[index] = InpaintResult(name=name, error=f"{type(err).__name__}: {err}")
     completed = inpaint_requests(
         model, tokenizer, [request for _, request in planned], top_k=top_k, seed=seed,
-        names=[names[index] for index, _ in planned], chemistry=chemistry,
+        names=[names[index] for index, _ in planned], chemistry=chemistry, prior_weight=prior_weight,
     )
     results.update({index: result for (index, _), result in zip(planned, completed)})
     return [results[index] for index in range(len(structures))]
@@ -414,6 +420,7 @@ def inpaint_file(
     out_dir: str | Path | None = None,
     seed: int = 0,
     chemistry: str = DEFAULT_MODE,
+    prior_weight: float = DEFAULT_PRIOR_WEIGHT,
 ) -> InpaintFileReport:
     """``crystal-lm inpaint`` as a function: read structures, complete them, write CIFs + JSON to ``out_dir``."""
     names, structures = read_structures_file(source)
@@ -421,6 +428,7 @@ def inpaint_file(
     results = inpaint(
         structures, model, tokenizer, mask_element=mask_element, mask_fraction=mask_fraction,
         mask_sites=mask_sites, noise=noise, top_k=top_k, seed=seed, names=names, chemistry=chemistry,
+        prior_weight=prior_weight,
     )
     written = write_results(results, out_dir) if out_dir is not None else []
     return InpaintFileReport(results=results, written=written)

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from crystal_tokenizers import CrystalTokenizer
+from crystal_tokenizers.protocol import StatisticsTokenizer
 from training.data import CrystalCollator, iter_epoch, load_split, make_tokenizer
 from training.objectives import build_objective
 
@@ -82,6 +84,9 @@ class DataConfig:
     max_length: int | None = 512
     crystal_system_condition: bool = False
     property_conditions: tuple[str, ...] = ()
+    fit_tokenizer_statistics: int = 100_000
+    """Train rows (the first ones; 0: none) from which the tokenizer learns what it keeps of its data before
+    training (``fit_training_statistics``: Wyckoff element co-occurrence, SLICES-PLUS coordination table)."""
 
 
 @dataclass(frozen=True)
@@ -273,6 +278,18 @@ def property_statistics(dataset: Any, names: Sequence[str]) -> dict[str, list[An
         means.append(float(values.mean()))
         stds.append(max(float(values.std()), 1e-6))
     return {"property_names": list(names), "property_means": means, "property_stds": stds}
+
+
+def fit_tokenizer_statistics(tokenizer: Any, dataset: Any, max_rows: int) -> None:
+    """Let ``tokenizer`` learn its data statistics from the first ``max_rows`` texts of ``dataset``
+    (:class:`~crystal_tokenizers.protocol.StatisticsTokenizer`; nothing for other tokenizers or ``max_rows`` 0)."""
+    if max_rows <= 0 or not isinstance(tokenizer, StatisticsTokenizer):
+        return
+    if isinstance(dataset, datasets.Dataset):
+        texts = dataset.select(range(min(max_rows, len(dataset))))["text"]
+    else:  # streaming: the first rows of the stream
+        texts = [row["text"] for row in itertools.islice(dataset, max_rows)]
+    tokenizer.fit_training_statistics(list(texts))
 
 
 def forward_arguments(model: torch.nn.Module) -> frozenset[str]:
@@ -625,6 +642,7 @@ def train(
         tokenizer if tokenizer is not None else make_tokenizer(cfg.tokenizer.representation, cfg.tokenizer.pretrained)
     )
     train_set = load_split(cfg.data.path, cfg.data.train_split, streaming=cfg.data.streaming)
+    fit_tokenizer_statistics(tokenizer, train_set, cfg.data.fit_tokenizer_statistics)
     if model is None:
         model = build_model(cfg.model, tokenizer, property_statistics(train_set, cfg.data.property_conditions))
     eval_set = (

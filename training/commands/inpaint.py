@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from training.chemistry import CHEMISTRY_MODES, DEFAULT_MODE
+from training.chemistry import CHEMISTRY_MODES, DEFAULT_MODE, DEFAULT_PRIOR_WEIGHT
 
 HELP = "Complete crystals with masked species (and noisy coordinates) using a masked CrystalMLM; writes top-k CIFs"
 
@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rank the model's candidates: soft = log-probability minus SMACT penalties (charge "
                              "neutrality with the unmasked part, orbit multiplicities), strict = SMACT-valid first, "
                              f"none = the plain model (default {DEFAULT_MODE})")
+    parser.add_argument("--prior-weight", type=float, default=DEFAULT_PRIOR_WEIGHT,
+                        help="soft/strict: add this weight x the element co-occurrence log-prior of the model's "
+                             "training data (saved with its tokenizer by crystal-lm train; 0 = off; "
+                             f"default {DEFAULT_PRIOR_WEIGHT})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random mask and the noise")
     parser.add_argument("--json", action="store_true", help="print one JSON object per crystal")
 
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     report = inpaint_file(
         args.source, args.model, mask_element=args.mask_element, mask_fraction=args.mask_fraction,
         mask_sites=args.mask_sites, noise=args.noise, top_k=args.top_k, out_dir=args.out, seed=args.seed,
-        chemistry=args.chemistry,
+        chemistry=args.chemistry, prior_weight=args.prior_weight,
     )
     for result in report.results:
         if args.json:
