@@ -231,6 +231,17 @@ def test_inpaint_chemistry_option_and_fill_mask_rerank(tokenizer):
     assert flags == sorted(flags, reverse=True), "charge-neutral completions come first"
     assert all(len(set(r["species"])) == 1 for r in chemistry_fill_mask(text, answers, top_k=4, tied=True))
     assert all(r["sequence"].count("<mask>") == 0 for r in ranked)
+    # a dominant co-occurrence prior: the best absent candidate by the prior alone comes first
+    from crystal_tokenizers.wyckoff.statistics import ElementStatistics
+    from training.chemistry import cooccurrence_log_prior
+
+    stats = ElementStatistics.from_token_lists(
+        tokenizer.convert_ids_to_tokens(tokenizer(tokenizer.structure_to_string(s))["input_ids"]) for s in structures)
+    context = MaskContext(tuple(words), tuple(i for i, w in enumerate(words) if w == "<mask>"), True)
+    candidates = sorted({a["token_str"].strip() for site in answers for a in site} - set(context.known_counts()))
+    prior = cooccurrence_log_prior(stats.frequency, stats.pairs)(context, candidates)
+    led = chemistry_fill_mask(text, answers, top_k=1, tied=True, statistics=stats, prior_weight=1e4)
+    assert led[0]["species"][0] == candidates[int(np.argmax(prior))]
 
 
 def test_element_statistics_count_crystals_and_survive_a_save(token_lists, tmp_path):

@@ -315,16 +315,21 @@ _FILL_MASK_FLOOR = 1e-6
 
 
 def chemistry_fill_mask(text: str, answers: Sequence[Any], top_k: int = 5, tied: bool = False,
-                        strict: bool = False) -> list[dict[str, Any]]:
+                        strict: bool = False, statistics: Any = None,
+                        prior_weight: float = DEFAULT_PRIOR_WEIGHT) -> list[dict[str, Any]]:
     """Joint completions of a ``fill-mask`` pipeline's answers, re-scored by SMACT (soft penalties, or valid first).
 
     ``text`` is the masked token text given to ``pipeline("fill-mask", ...)`` and ``answers`` its output
     (one candidate list per ``<mask>``, as for ``top_k`` > 1; a single mask's flat list is accepted). Each
     mask's candidates are the pool; joint assignments are ranked by the product of the pipeline's scores
     minus the SMACT penalties of the completed composition (orbit multiplicities from the text;
-    ``strict``: SMACT-valid completions first). A tied mask takes an element absent from the rest. Returns ``{"species", "score", "charge_neutral", "sequence"}`` dicts, best first.
+    ``strict``: SMACT-valid completions first). ``statistics`` (the pipeline tokenizer's
+    ``element_statistics``) adds ``prior_weight`` × the co-occurrence log-prior to every mask's scores.
+    A tied mask takes an element absent from the rest. Returns ``{"species", "score", "charge_neutral",
+    "sequence"}`` dicts, best first.
     """
-    from training.chemistry import DEFAULT_PENALTY, STRICT_PENALTY, chemistry_rerank, completed_counts, is_charge_neutral, model_pool
+    from training.chemistry import (DEFAULT_PENALTY, STRICT_PENALTY, chemistry_rerank, completed_counts,
+                                    cooccurrence_log_prior, is_charge_neutral, model_pool)
 
     words = text.split()
     masked = tuple(i for i, w in enumerate(words) if w == "<mask>")
@@ -339,6 +344,8 @@ def chemistry_fill_mask(text: str, answers: Sequence[Any], top_k: int = 5, tied:
         for candidate in site:
             log_probs[row, elements.index(candidate["token_str"].strip())] = math.log(max(candidate["score"], 1e-300))
     context = MaskContext(tuple(words), masked, tied)
+    if statistics is not None and prior_weight:
+        log_probs = log_probs + prior_weight * cooccurrence_log_prior(statistics.frequency, statistics.pairs)(context, elements)
     width = max(top_k, 64)
     penalty = STRICT_PENALTY if strict else DEFAULT_PENALTY
     ranked = chemistry_rerank(context, model_pool(context, log_probs, elements, width, exclude_present=tied), penalty)[:top_k]
