@@ -40,7 +40,7 @@ from inpainting_experiments import MASK_TYPES, NOISE_LEVELS, element_frequency, 
 
 PENALTY_GRID = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, math.inf)
 """λ values (nats) scanned for both penalties."""
-PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
+PRIOR_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5)
 """Weights of the co-occurrence log-prior scanned (0: the model alone, as ``crystal-lm inpaint``)."""
 
 

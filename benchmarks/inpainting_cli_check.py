@@ -1,8 +1,9 @@
 """``crystal-lm inpaint`` as a user runs it, scored against always-"O" and element co-occurrence on the same masks.
 
 Writes the first ``--crystals`` rows of mp_20/val.csv to a CSV, runs ``crystal-lm inpaint --mask-fraction
-0.3 --top-k 1 --json`` once per ``--chemistry`` mode (none, soft, strict; the CLI's default is named) with a
-saved model, and counts masked orbits whose
+0.3 --top-k 1 --json`` once per ``--chemistry`` mode (none, soft, strict; the CLI's default is named), and
+soft and strict again without the co-occurrence prior (``--prior-weight 0``), with a saved model, and
+counts masked orbits whose
 top-1 element is the original one. The baselines see the same masked orbits (read from the JSON):
 always "O", and the element most often seen with the unmasked elements in the training split of a
 prepared dataset (default: the pre-training union).
@@ -31,12 +32,12 @@ from _machine import machine_line  # noqa: E402
 VAL = ROOT.parent / "shared" / "data" / "mp_20" / "val.csv"
 
 
-def run_cli(source: Path, model: Path, chemistry: str, seed: int) -> list[dict]:
-    """The JSON lines of one ``crystal-lm inpaint --chemistry MODE`` run."""
+def run_cli(source: Path, model: Path, options: list[str], seed: int) -> list[dict]:
+    """The JSON lines of one ``crystal-lm inpaint`` run with extra ``options`` (e.g. ``--chemistry soft``)."""
     from training.cli import main
 
     argv = ["inpaint", str(source), "--model", str(model), "--mask-fraction", "0.3", "--top-k", "1", "--json",
-            "--seed", str(seed), "--chemistry", chemistry]
+            "--seed", str(seed), *options]
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         main(argv)
@@ -62,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         source = Path(tmp) / "val100.csv"
         pd.read_csv(VAL).head(args.crystals).to_csv(source, index=False)
         names, structures = read_structures_file(source)
-        runs = {f"--chemistry {mode}" + (" (default)" if mode == DEFAULT_MODE else ""): run_cli(source, args.model, mode, args.seed)
-                for mode in CHEMISTRY_MODES}
+        variants = [["--chemistry", mode] for mode in CHEMISTRY_MODES]
+        variants += [["--chemistry", mode, "--prior-weight", "0"] for mode in CHEMISTRY_MODES if mode != "none"]
+        runs = {" ".join(options) + (" (default)" if options == ["--chemistry", DEFAULT_MODE] else ""):
+                run_cli(source, args.model, options, args.seed) for options in variants}
     train_tokens = [tokenizer.convert_ids_to_tokens(tokenizer(t)["input_ids"])
                     for t in load_split(args.train_data, "train")["text"]]
     cooccurrence = cooccurrence_baseline(*element_statistics(train_tokens))

@@ -435,15 +435,12 @@ def reconstruction_metrics(model_dir: Path, texts: list[str], frequency: Counter
 # --------------------------------------------------------------------------------------------------
 
 VALIDATION_SETS = ("mp_20/val.csv", "mp20_sample/val.csv")
-METHODS = ("model", "model + strict chemistry", "model + soft chemistry", "model + soft chemistry + co-occurrence prior",
+METHODS = ("model", "model + strict chemistry", "model + soft chemistry",
+           "model + strict chemistry + co-occurrence prior", "model + soft chemistry + co-occurrence prior",
            "most frequent", "co-occurrence", "SMACT only")
-CHEMISTRY_METHODS = METHODS[1:4]
-BASELINES = METHODS[4:]
-PRIOR_WEIGHT = 0.25
-"""Weight of the co-occurrence log-prior of the prior variant, chosen with its penalties on the calibration split."""
-PRIOR_PENALTY = (12.0, 0.5)
-"""(λ_charge, λ_other) nats of the prior variant, chosen on the calibration split (``inpainting_calibrate.py``)."""
-METRICS = ("element_top1", "composition", "compositional", "match", "decoded")
+CHEMISTRY_METHODS = METHODS[1:5]
+BASELINES = METHODS[5:]
+METRICS = ("element_top1", "composition", "compositional", "charge_neutral", "match", "decoded")
 
 
 def validation_texts(tokenizer: Any, name: str) -> list[str]:
@@ -463,25 +460,27 @@ def validation_texts(tokenizer: Any, name: str) -> list[str]:
 
 
 def species_rankers(train_tokens: list[list[str]]) -> dict[str, Any]:
-    """Every method of :data:`METHODS` as a ranker."""
-    from training.chemistry import STRICT_PENALTY, ChemistryPenalty, chemistry_ranker, cooccurrence_baseline
-    from training.chemistry import cooccurrence_log_prior, element_statistics, model_ranker, most_frequent_baseline
-    from training.chemistry import smact_baseline
+    """Every method of :data:`METHODS` as a ranker; the chemistry ones are ``crystal-lm inpaint``'s modes
+    (``--prior-weight 0`` for those without the prior; the training statistics as the tokenizer keeps them)."""
+    from crystal_tokenizers.wyckoff.statistics import ElementStatistics
+    from training.chemistry import cooccurrence_baseline, most_frequent_baseline, ranker_for_mode, smact_baseline
 
-    frequency, pairs = element_statistics(train_tokens)
-    prior_penalty = ChemistryPenalty(*PRIOR_PENALTY)
-    return {"model": model_ranker, "model + strict chemistry": chemistry_ranker(penalty=STRICT_PENALTY),
-            "model + soft chemistry": chemistry_ranker(),
-            "model + soft chemistry + co-occurrence prior": chemistry_ranker(
-                prior=cooccurrence_log_prior(frequency, pairs), prior_weight=PRIOR_WEIGHT, penalty=prior_penalty),
-            "most frequent": most_frequent_baseline(frequency),
-            "co-occurrence": cooccurrence_baseline(frequency, pairs), "SMACT only": smact_baseline(frequency)}
+    stats = ElementStatistics.from_token_lists(train_tokens)
+    return {"model": ranker_for_mode("none"),
+            "model + strict chemistry": ranker_for_mode("strict", stats, prior_weight=0.0),
+            "model + soft chemistry": ranker_for_mode("soft", stats, prior_weight=0.0),
+            "model + strict chemistry + co-occurrence prior": ranker_for_mode("strict", stats),
+            "model + soft chemistry + co-occurrence prior": ranker_for_mode("soft", stats),
+            "most frequent": most_frequent_baseline(stats.frequency),
+            "co-occurrence": cooccurrence_baseline(stats.frequency, stats.pairs),
+            "SMACT only": smact_baseline(stats.frequency)}
 
 
 def score_results(results: list[Any], originals: list[Any]) -> dict[str, float]:
     """Top-1 metrics: masked-orbit element accuracy, composition, SMACT validity, StructureMatcher, decoded."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
+    from training.chemistry import smact_flags
     from training.evaluate import is_compositionally_valid
 
     matcher = StructureMatcher()
@@ -494,13 +493,15 @@ def score_results(results: list[Any], originals: list[Any]) -> dict[str, float]:
         hits["decoded"] += 1
         hits["element_top1"] += sum(a == b for a, b in zip(best.species, result.original_species))
         hits["compositional"] += is_compositionally_valid(best.structure.composition)
+        counts = Counter({str(e): int(round(n)) for e, n in best.structure.composition.items()})
+        hits["charge_neutral"] += smact_flags(counts)[0]
         hits["composition"] += best.structure.composition.almost_equals(original.composition)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hits["match"] += bool(matcher.fit(best.structure, original))
     n = len(results)
     return {"element_top1": hits["element_top1"] / max(orbits, 1), "composition": hits["composition"] / n,
-            "compositional": hits["compositional"] / n, "match": hits["match"] / n, "decoded": hits["decoded"] / n,
+            "compositional": hits["compositional"] / n, "charge_neutral": hits["charge_neutral"] / n, "match": hits["match"] / n, "decoded": hits["decoded"] / n,
             "n": n, "masked_orbits": orbits}
 
 
@@ -535,12 +536,13 @@ def species_table(model_dir: Path, train_texts: list[str], seed: int = 0, method
 
 
 def _species_markdown(table: dict[str, Any]) -> str:
-    lines = ["| validation set | mask, σ̃ | method | top-1 element (masked orbits) | composition | SMACT valid | match |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| validation set | mask, σ̃ | method | top-1 element (masked orbits) | composition | SMACT valid | "
+             "charge-neutral (mixed valence allowed) | match |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, row in table.items():
         name, setting, method = key.split(" | ")
         lines.append(f"| {name} (n={row['n']}) | {setting} | {method} | {row['element_top1']:.3f} | {row['composition']:.3f} | "
-                     f"{row['compositional']:.3f} | {row['match']:.3f} |")
+                     f"{row['compositional']:.3f} | {row['charge_neutral']:.3f} | {row['match']:.3f} |")
     return "\n".join(lines)
 
 
@@ -557,7 +559,8 @@ def _species_verdict(table: dict[str, Any]) -> str:
             top = max(best, key=lambda m: best[m]["element_top1"])
             lines.append(f"{variant}: {name} {setting}: {chem['element_top1']:.3f} vs best baseline {top} "
                          f"{best[top]['element_top1']:.3f} (ratio {_ratio(chem['element_top1'], best[top]['element_top1'])}), "
-                         f"charge-neutral {chem['compositional']:.3f} -> {'beats all' if ok else 'does NOT beat all'}")
+                         f"SMACT-valid {chem['compositional']:.3f}, charge-neutral {chem['charge_neutral']:.3f} -> "
+                         f"{'beats all' if ok else 'does NOT beat all'}")
         lines.append(f"{variant} beats every baseline (top-1 element) on {wins}/{len(settings)} settings")
     return "\n".join(lines)
 

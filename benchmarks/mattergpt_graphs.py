@@ -42,14 +42,15 @@ from modeling.modeling_mattergpt import MatterGPTForCausalLM  # noqa: E402
 
 
 def sample_texts(model, tokenizer: SlicesPlusTokenizer, n: int, batch_size: int,
-                 coordination: CoordinationTable | None) -> list[str]:
-    """``n`` unconditioned samples (top-k 50, temperature 1) under the grammar with ``coordination``."""
+                 coordination: CoordinationTable | None, temperature: float = 1.0) -> list[str]:
+    """``n`` unconditioned samples (top-k 50, ``temperature``) under the grammar with ``coordination``."""
     texts = []
     for start in range(0, n, batch_size):
         size = min(batch_size, n - start)
         processor = tokenizer.grammar_processor(max_length=model.config.n_positions, coordination=coordination)
         out = model.generate(torch.full((size, 1), tokenizer.bos_token_id),
                              attention_mask=torch.ones(size, 1, dtype=torch.long), do_sample=True, top_k=50,
+                             temperature=temperature,
                              max_length=model.config.n_positions, logits_processor=[processor],
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         for ids in out.tolist():
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--quantile", type=float, nargs="+", default=[1.0], help="quantiles of the degree table")
     parser.add_argument("--no-pairs", action="store_true", help="tables without the element-pair rule as well")
     parser.add_argument("--no-volume", action="store_true", help="tables without the short-cycle volume rule as well")
+    parser.add_argument("--temperature", type=float, nargs="+", default=[1.0],
+                        help="sampling temperatures (each learned-table variant is sampled at each)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -134,10 +137,12 @@ def main() -> None:
         if args.no_volume:
             variants.append((f"degree q={q} + pairs", learn_coordination(graphs, q, volume_quantile=None)))
     rows = [{"set": "training strings", **graph_stats(texts, reference), **density_stats(texts[:args.decode], tokenizer)}]
-    for name, coordination in variants:
+    runs = [(name, coordination, t) for name, coordination in variants
+            for t in (args.temperature if coordination is not None else args.temperature[:1])]
+    for name, coordination, temperature in runs:
         start = time.perf_counter()
-        sampled = sample_texts(model, tokenizer, args.n, args.batch_size, coordination)
-        row = {"set": f"samples, {name}", "sample_s": round(time.perf_counter() - start, 1)}
+        sampled = sample_texts(model, tokenizer, args.n, args.batch_size, coordination, temperature)
+        row = {"set": f"samples, {name}, T={temperature}", "sample_s": round(time.perf_counter() - start, 1)}
         row.update(graph_stats(sampled, reference))
         row.update(density_stats([t for t in sampled if t][:args.decode], tokenizer))
         rows.append(row)
