@@ -358,6 +358,7 @@ def train_generator(
     of starting from random weights. ``save_to``: the generator is saved there (with the tokenizer, so the
     folder loads with the Auto classes and ``crystal-lm generate``) every 10 minutes of training.
     """
+    tokenizer.fit_training_statistics(pool.text.tolist())  # the coordination table, saved with the generator
     ids = token_ids(tokenizer, pool.text.tolist())
     keep = [i for i, seq in enumerate(ids) if len(seq) <= max_len]
     ids = [ids[i] for i in keep]

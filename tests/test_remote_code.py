@@ -107,6 +107,7 @@ def test_mattergpt_folder_loads_generates_and_decodes_without_the_package(tmp_pa
     config = MatterGPTConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SIZES)
     MatterGPTForCausalLM(config).save_pretrained(tmp_path / "m")
+    tokenizer.fit_training_statistics([tokenizer.structure_to_string(c) for c in crystals])
     tokenizer.save_pretrained(tmp_path / "m")
     text = tokenizer.structure_to_string(crystals[1])
     out = run_without_package(f"""
@@ -124,9 +125,10 @@ def test_mattergpt_folder_loads_generates_and_decodes_without_the_package(tmp_pa
         texts = [tok.ids_to_text(row) for row in generated]
         real = tok.string_to_structure({text!r})
         print(json.dumps({{"base": type(base).__name__, "head": type(head).__name__, "texts": texts,
-                          "real_formula": real.composition.reduced_formula}}))
+                          "real_formula": real.composition.reduced_formula, "graphs": tok.coordination.graphs}}))
     """, tmp_path)
     assert out["base"] == "MatterGPTModel" and out["head"] == "MatterGPTForSequenceClassification"
+    assert out["graphs"] == 3, "the coordination table travels with the folder"
     assert all(isinstance(t, str) and t for t in out["texts"])
     assert out["real_formula"] == crystals[1].composition.reduced_formula
 
@@ -135,6 +137,7 @@ def test_crystal_mlm_folder_loads_and_fills_masks_without_the_package(tmp_path, 
     tokenizer = WyckoffTokenizer()
     torch.manual_seed(0)
     CrystalMLMForMaskedLM(CrystalMLMConfig.from_tokenizer(tokenizer, **SIZES)).save_pretrained(tmp_path / "m")
+    tokenizer.fit_training_statistics([tokenizer.structure_to_string(c) for c in crystals])
     tokenizer.save_pretrained(tmp_path / "m")
     text = tokenizer.structure_to_string(crystals[2])
     out = run_without_package(f"""
@@ -154,7 +157,8 @@ def test_crystal_mlm_folder_loads_and_fills_masks_without_the_package(tmp_path, 
         predicted = logits[elements].argmax(-1)
         print(json.dumps({{"base": type(base).__name__, "head": type(head).__name__,
                           "all_elements": bool(torch.isin(predicted, torch.tensor(tok.element_token_ids)).all()),
-                          "masked": int(elements.sum())}}))
+                          "masked": int(elements.sum()), "crystals": tok.element_statistics.crystals}}))
     """, tmp_path)
     assert out["base"] == "CrystalMLMModel" and out["head"] == "CrystalMLMForSequenceClassification"
+    assert out["crystals"] == 3, "the element statistics travel with the folder"
     assert out["masked"] > 0 and out["all_elements"]
