@@ -52,3 +52,21 @@ def test_chgnet_relaxation_keeps_rocksalt(rocksalt):
     relaxed = graph_preserving_relaxer(tokenizer, chgnet_relaxer(steps=50))(text, tokenizer.string_to_structure(text))
     assert tokenizer.string_graph_matches(text, relaxed)
     assert 4.0 < relaxed.lattice.abc[0] * 2**0.5 < 7.0  # conventional NaCl edge near 5.6 Å
+
+
+def test_a_trajectory_that_breaks_the_graph_gives_its_latest_frame_that_holds_it(rocksalt):
+    from training.relax import latest_holding_frame
+
+    tokenizer = SlicesPlusTokenizer()
+    text = tokenizer.structure_to_string(rocksalt.get_primitive_structure())
+    decoded = tokenizer.string_to_structure(text)
+    frames = []
+    for k in range(9):  # the cell swells, then a site leaves its place: frames 0-5 hold the graph, 6-8 do not
+        frame = decoded.copy()
+        frame.scale_lattice(decoded.volume * (1 + 0.02 * k))
+        if k >= 6:
+            frame.translate_sites([0], [0.4, 0.1, 0.0])
+        frames.append(frame)
+    assert [tokenizer.string_graph_matches(text, f) for f in frames] == [True] * 6 + [False] * 3
+    assert graph_preserving_relaxer(tokenizer, lambda s: frames)(text, decoded) is frames[5]
+    assert latest_holding_frame(frames[:1] + frames[6:], lambda f: tokenizer.string_graph_matches(text, f)) is None
