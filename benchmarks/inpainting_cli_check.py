@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from crystal_tokenizers import WyckoffTokenizer
     from crystal_tokenizers.wyckoff.masking import element_positions
-    from training.chemistry import CHEMISTRY_MODES, DEFAULT_MODE, MaskContext, cooccurrence_baseline, element_statistics
+    from training.chemistry import CHEMISTRY_MODES, DEFAULT_MODE, MaskContext, cooccurrence_baseline
     from training.data import load_split
     from training.inpaint import read_structures_file
 
@@ -67,9 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         variants += [["--chemistry", mode, "--prior-weight", "0"] for mode in CHEMISTRY_MODES if mode != "none"]
         runs = {" ".join(options) + (" (default)" if options == ["--chemistry", DEFAULT_MODE] else ""):
                 run_cli(source, args.model, options, args.seed) for options in variants}
-    train_tokens = [tokenizer.convert_ids_to_tokens(tokenizer(t)["input_ids"])
-                    for t in load_split(args.train_data, "train")["text"]]
-    cooccurrence = cooccurrence_baseline(*element_statistics(train_tokens))
+    stats = WyckoffTokenizer().fit_training_statistics(load_split(args.train_data, "train")["text"])
+    cooccurrence = cooccurrence_baseline(stats.frequency, stats.pairs)
     hits = {name: 0 for name in [*runs, "always O", "co-occurrence"]}
     orbits = completed = 0
     plain = next(iter(runs))

@@ -365,17 +365,6 @@ def _stability_table(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def element_frequency(texts: list[str], tokenizer: Any) -> Counter:
-    """Number of training crystals containing each element."""
-    from crystal_tokenizers.wyckoff.masking import element_positions
-
-    counts: Counter = Counter()
-    for text in texts:
-        tokens = tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"])
-        counts.update({tokens[i] for i in element_positions(tokens)})
-    return counts
-
-
 def mask_requests(texts: list[str], tokenizer: Any, mask_type: str, noise: float, frequency: Counter, seed: int) -> list[Any]:
     """One inpainting request per crystal for mask type α (frequent element), β (rare element) or γ (30 %)."""
     from crystal_tokenizers.wyckoff.masking import EVAL_MASK_FRACTION, element_positions
@@ -459,13 +448,11 @@ def validation_texts(tokenizer: Any, name: str) -> list[str]:
     return texts
 
 
-def species_rankers(train_tokens: list[list[str]]) -> dict[str, Any]:
-    """Every method of :data:`METHODS` as a ranker; the chemistry ones are ``crystal-lm inpaint``'s modes
-    (``--prior-weight 0`` for those without the prior; the training statistics as the tokenizer keeps them)."""
-    from crystal_tokenizers.wyckoff.statistics import ElementStatistics
+def species_rankers(stats: Any) -> dict[str, Any]:
+    """Every method of :data:`METHODS` as a ranker, from the training element statistics ``stats``; the
+    chemistry ones are ``crystal-lm inpaint``'s modes (``--prior-weight 0`` for those without the prior)."""
     from training.chemistry import cooccurrence_baseline, most_frequent_baseline, ranker_for_mode, smact_baseline
 
-    stats = ElementStatistics.from_token_lists(train_tokens)
     return {"model": ranker_for_mode("none"),
             "model + strict chemistry": ranker_for_mode("strict", stats, prior_weight=0.0),
             "model + soft chemistry": ranker_for_mode("soft", stats, prior_weight=0.0),
@@ -515,9 +502,9 @@ def species_table(model_dir: Path, train_texts: list[str], seed: int = 0, method
     from training.inpaint import inpaint_requests, load_inpainting_model
 
     model, tokenizer = load_inpainting_model(model_dir)
-    train_tokens = [tokenizer.convert_ids_to_tokens(tokenizer(t)["input_ids"]) for t in train_texts]
-    rankers = {k: v for k, v in species_rankers(train_tokens).items() if methods is None or k in methods}
-    frequency = element_frequency(train_texts, tokenizer)
+    stats = tokenizer.fit_training_statistics(train_texts)  # what crystal-lm train saves with the tokenizer
+    rankers = {k: v for k, v in species_rankers(stats).items() if methods is None or k in methods}
+    frequency = stats.frequency
     table: dict[str, Any] = {}
     for name in VALIDATION_SETS:
         texts = validation_texts(tokenizer, name)
@@ -676,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
 
         log["stability_accuracy"] = stability_report(work, cubic, folds=0, steps=args.stability_steps)
         _, tokenizer = load_inpainting_model(work / "pretrain" / "final")
-        frequency = element_frequency(load_split(data, "train")["text"], tokenizer)
+        frequency = tokenizer.fit_training_statistics(load_split(data, "train")["text"]).frequency
         texts = list(load_split(data, "validation")["text"])
         tables = {name: reconstruction_metrics(work / name / "final", texts, frequency)
                   for name in ("pretrain", "gan")}

@@ -89,11 +89,23 @@ class CrystalTokenizerBase(PreTrainedTokenizer):
             self.push_to_hub(repo_id, token=kwargs.get("token"))
         return files
 
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILE)
+    def fitted_records(self) -> dict[str, Any]:
+        """File name -> what the tokenizer learnt of its training data (a ``records.JsonRecord``, or ``None``
+        when not fitted); each fitted one is saved beside ``vocab.json``. The base tokenizer learns nothing."""
+        return {}
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        """``vocab.json`` and every fitted record (:meth:`fitted_records`)."""
+        prefix = filename_prefix + "-" if filename_prefix else ""
+        path = os.path.join(save_directory, prefix + VOCAB_FILE)
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(self._id_to_token, handle, indent=0)
-        return (path,)
+        files = [path]
+        for name, record in self.fitted_records().items():
+            if record is not None:
+                files.append(os.path.join(save_directory, prefix + name))
+                record.save(files[-1])
+        return tuple(files)
 
     def fit_training_statistics(self, texts: Sequence[str]) -> Any:
         """Learn what this tokenizer keeps of its training data from the training ``texts`` (saved with it).

@@ -20,7 +20,6 @@ wherever crystal-lm is installed (CONVENTIONS.md, "Remote code").
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -146,14 +145,9 @@ class SlicesPlusTokenizer(CrystalTokenizerBase):
             **kwargs,
         )
 
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
-        """``vocab.json`` and, when the tokenizer has one, the coordination table (``slices_coordination.json``)."""
-        files = super().save_vocabulary(save_directory, filename_prefix)
-        if self.coordination is None:
-            return files
-        path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + COORDINATION_FILE)
-        self.coordination.save(path)
-        return (*files, path)
+    def fitted_records(self) -> dict[str, Any]:
+        """The coordination table, saved as ``slices_coordination.json`` when the tokenizer has one."""
+        return {COORDINATION_FILE: self.coordination}
 
     def fit_coordination(
         self, texts: Sequence[str], quantile: float = DEFAULT_QUANTILE, pairs: bool = True,

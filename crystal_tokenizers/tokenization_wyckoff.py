@@ -12,7 +12,6 @@ crystal-lm is installed (CONVENTIONS.md, "Remote code").
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Sequence
 
 from pymatgen.core import Structure
@@ -98,14 +97,9 @@ class WyckoffTokenizer(CrystalTokenizerBase):
         extended.element_statistics = self.element_statistics
         return extended
 
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
-        """``vocab.json`` and, when the tokenizer has them, the element statistics (``element_statistics.json``)."""
-        files = super().save_vocabulary(save_directory, filename_prefix)
-        if self.element_statistics is None:
-            return files
-        path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + ELEMENT_STATISTICS_FILE)
-        self.element_statistics.save(path)
-        return (*files, path)
+    def fitted_records(self) -> dict[str, Any]:
+        """The element statistics, saved as ``element_statistics.json`` when the tokenizer has them."""
+        return {ELEMENT_STATISTICS_FILE: self.element_statistics}
 
     def fit_training_statistics(self, texts: Sequence[str]) -> ElementStatistics:
         """Count which elements the training ``texts`` hold and which occur together

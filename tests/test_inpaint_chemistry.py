@@ -19,7 +19,6 @@ from training.chemistry import (
     chemistry_ranker,
     completed_counts,
     cooccurrence_baseline,
-    element_statistics,
     is_charge_neutral,
     model_ranker,
     most_frequent_baseline,
@@ -182,7 +181,10 @@ def test_unknown_chemistry_mode_is_refused():
 
 
 def test_baselines_fill_every_masked_orbit(token_lists):
-    frequency, pairs = element_statistics(token_lists)
+    from crystal_tokenizers.wyckoff.statistics import ElementStatistics
+
+    stats = ElementStatistics.from_token_lists(token_lists)
+    frequency, pairs = stats.frequency, stats.pairs
     assert frequency.most_common(1)[0][0] == "O"
     rankers = [most_frequent_baseline(frequency), cooccurrence_baseline(frequency, pairs), smact_baseline(frequency)]
     neutral = 0

@@ -261,12 +261,6 @@ def ranker_for_mode(mode: str, statistics: ElementStatistics | None = None,
 # --------------------------------------------------------------------------------------------------
 
 
-def element_statistics(token_lists: Iterable[Sequence[str]]) -> tuple[Counter, Counter]:
-    """Crystals containing each element, and each (ordered) pair of elements (:class:`ElementStatistics`)."""
-    statistics = ElementStatistics.from_token_lists(token_lists)
-    return statistics.frequency, statistics.pairs
-
-
 def _fill(context: MaskContext, order: Sequence[str]) -> tuple[str, ...]:
     """The first element of ``order`` (absent from the crystal when all orbits of one element are masked) on every orbit."""
     present = set(context.known_counts()) if context.tied else set()
@@ -356,7 +350,6 @@ __all__ = [
     "completed_counts",
     "cooccurrence_baseline",
     "cooccurrence_log_prior",
-    "element_statistics",
     "is_charge_neutral",
     "model_pool",
     "model_ranker",

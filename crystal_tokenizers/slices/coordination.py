@@ -10,7 +10,6 @@ either. The table is JSON (``slices_coordination.json`` in a tokenizer folder).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from crystal_tokenizers.records import JsonRecord
 from crystal_tokenizers.slices.graph import CrystalGraph
 from crystal_tokenizers.slices.placement import bond_radius
 
@@ -110,7 +110,7 @@ def element_pair(a: str, b: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class CoordinationTable:
+class CoordinationTable(JsonRecord):
     """Largest degree per element and the element pairs bonded in the training graphs.
 
     ``max_degree``: element -> bonds (``UNSEEN_MAX_DEGREE`` for an element not listed); ``pairs``: sorted
@@ -175,17 +175,6 @@ class CoordinationTable:
         bound = data.get("min_volume_bound")
         return cls(degrees, pairs, int(data.get("graphs", 0)), float(data.get("quantile", DEFAULT_QUANTILE)),
                    None if bound is None else float(bound))
-
-    def save(self, path: str) -> None:
-        """Write the table as JSON."""
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=1)
-
-    @classmethod
-    def load(cls, path: str) -> CoordinationTable:
-        """Read a table written by ``save``."""
-        with open(path, encoding="utf-8") as handle:
-            return cls.from_dict(json.load(handle))
 
 
 def learn_coordination(

@@ -11,11 +11,11 @@ training texts and saves them beside the vocabulary as ``element_statistics.json
 from __future__ import annotations
 
 import itertools
-import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from crystal_tokenizers.records import JsonRecord
 from crystal_tokenizers.wyckoff.masking import element_positions
 
 ELEMENT_STATISTICS_FILE = "element_statistics.json"
@@ -24,8 +24,8 @@ _PAIR_SEPARATOR = " "
 
 
 @dataclass(frozen=True)
-class ElementStatistics:
-    """Crystals per element and per (ordered) element pair, over ``crystals`` training crystals."""
+class ElementStatistics(JsonRecord):
+    """Crystals per element and per (ordered) element pair, over ``crystals`` training crystals (JSON: ``save``/``load``)."""
 
     frequency: Counter = field(default_factory=Counter)
     pairs: Counter = field(default_factory=Counter)
@@ -64,19 +64,6 @@ class ElementStatistics:
         except (KeyError, AttributeError, TypeError, ValueError) as error:
             raise ValueError(f"malformed element statistics: {error}") from error
 
-    def save(self, path: str) -> None:
-        """Write the statistics as JSON to ``path``."""
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=1)
-
-    @classmethod
-    def load(cls, path: str) -> ElementStatistics:
-        """Read statistics written by :meth:`save`; raises ``ValueError`` naming the file when malformed."""
-        with open(path, encoding="utf-8") as handle:
-            try:
-                return cls.from_dict(json.load(handle))
-            except (ValueError, json.JSONDecodeError) as error:
-                raise ValueError(f"{path}: {error}") from error
 
 
 __all__ = ["ELEMENT_STATISTICS_FILE", "ElementStatistics"]
