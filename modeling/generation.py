@@ -216,6 +216,14 @@ class NumericCandidateGenerator(CandidateGenerator):
     def requires_model_outputs(self) -> bool:  # type: ignore[override]
         return self.inner.requires_model_outputs
 
+    def __getattr__(self, name: str) -> Any:
+        """Everything else the decoding loop reads (``num_drafting_tokens``, ``assistant_model``...) is the
+        wrapped generator's, whichever transformers version asks for it."""
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs: Any) -> tuple[torch.LongTensor, torch.Tensor | None]:
         if self.state.values is None:  # before the first forward: the prompt's values
             self.state.values = self.inner.assistant_kwargs["numeric_values"].float()
