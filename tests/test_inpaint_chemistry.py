@@ -11,6 +11,7 @@ import pytest
 from pymatgen.core import Structure
 
 from crystal_tokenizers import WyckoffTokenizer
+from crystal_tokenizers.wyckoff.statistics import ElementStatistics
 from training.chemistry import (
     DEFAULT_PENALTY,
     STRICT_PENALTY,
@@ -181,8 +182,6 @@ def test_unknown_chemistry_mode_is_refused():
 
 
 def test_baselines_fill_every_masked_orbit(token_lists):
-    from crystal_tokenizers.wyckoff.statistics import ElementStatistics
-
     stats = ElementStatistics.from_token_lists(token_lists)
     frequency, pairs = stats.frequency, stats.pairs
     assert frequency.most_common(1)[0][0] == "O"
@@ -247,8 +246,6 @@ def test_inpaint_chemistry_option_and_fill_mask_rerank(tokenizer):
 
 
 def test_element_statistics_count_crystals_and_survive_a_save(token_lists, tmp_path):
-    from crystal_tokenizers.wyckoff.statistics import ElementStatistics
-
     stats = ElementStatistics.from_token_lists(token_lists)
     assert stats.crystals == len(token_lists)
     oxides = sum("O" in tokens for tokens in token_lists)
@@ -263,8 +260,6 @@ def test_element_statistics_count_crystals_and_survive_a_save(token_lists, tmp_p
 
 def test_the_cooccurrence_prior_decides_between_equally_probable_elements(token_lists):
     # an even model: the prior alone picks the masked element, and picks what co-occurs with the rest
-    from crystal_tokenizers.wyckoff.statistics import ElementStatistics
-
     stats = ElementStatistics.from_token_lists(token_lists)
     context = _masked(token_lists[0], [0], tied=True)
     elements = ["O", "S", "F", "N", "Cl", "Se"]

@@ -65,5 +65,4 @@ class ElementStatistics(JsonRecord):
             raise ValueError(f"malformed element statistics: {error}") from error
 
 
-
 __all__ = ["ELEMENT_STATISTICS_FILE", "ElementStatistics"]
